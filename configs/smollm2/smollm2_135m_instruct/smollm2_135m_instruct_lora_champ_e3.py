@@ -1,0 +1,133 @@
+"""SmolLM2-135M-Instruct + LoRA on CHAMP competition math, 3 epochs.
+
+The embedded default: the model and the data install offline, and it trains on a 2-core CPU in
+under 10 minutes (on a GPU it runs as it is). Copy it with `tk copy-cfg`, edit, `tk train` it.
+"""
+from mmengine.hooks import CheckpointHook, IterTimerHook, LoggerHook, ParamSchedulerHook
+from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
+from peft import LoraConfig
+from torch.optim import AdamW
+
+from toolkit.data.collate import sft_collate_fn
+from toolkit.data.dataset import build_sft_dataset
+from toolkit.data.samplers import LengthGroupedSampler
+from toolkit.engine.hooks import DatasetInfoHook, EvaluateChatHook
+from toolkit.engine.loops import TrainLoop
+from toolkit.model.loader import load_causal_lm, load_tokenizer
+from toolkit.model.sft import SupervisedFinetune
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Model: an embedded alias, a local HF folder or a hub id
+pretrained_model_name_or_path = 'smollm2-135m-instruct'
+
+# Data
+data_source = 'champ'          # packaged CHAMP problems; or a json/jsonl/parquet/csv file of your own
+dataset_map_fn = 'champ'       # record format (tk list-dataset-format)
+prompt_template = 'chatml'     # SmolLM2's own chat format
+system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face'
+max_length = 320
+drop_long_samples = True    # keep whole solutions (153 of the 270 problems fit) so the CPU run stays short
+
+# Schedule
+batch_size = 4                 # per device
+accumulative_counts = 1
+max_epochs = 3
+lr = 3e-4
+weight_decay = 0.0
+max_norm = 1.0
+warmup_ratio = 0.03
+
+# Checkpoints and evaluation
+save_steps = 100
+save_total_limit = 2
+evaluation_freq = 1000
+evaluation_inputs = [
+    'Find the number of positive divisors of 12.',
+]
+
+#######################################################################
+#                      PART 2  Model & Tokenizer                      #
+#######################################################################
+tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path)
+
+model = dict(
+    type=SupervisedFinetune,
+    llm=dict(type=load_causal_lm, path=pretrained_model_name_or_path, dtype='float32'),
+    adapter=dict(
+        type=LoraConfig,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=['q_proj', 'v_proj'],
+        bias='none',
+        task_type='CAUSAL_LM'))
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+train_dataset = dict(
+    type=build_sft_dataset,
+    tokenizer=tokenizer,
+    source=data_source,
+    map_fn=dataset_map_fn,
+    template=prompt_template,
+    system=system,
+    max_length=max_length,
+    drop_long_samples=drop_long_samples)
+
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=0,
+    dataset=train_dataset,
+    sampler=dict(type=LengthGroupedSampler, batch_size=batch_size),  # batches of similar length: little padding
+    collate_fn=dict(type=sft_collate_fn))
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+# AmpOptimWrapper trains in bf16 on a GPU; without CUDA tk falls back to fp32.
+optim_wrapper = dict(
+    type=AmpOptimWrapper,
+    optimizer=dict(type=AdamW, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,
+    loss_scale='dynamic',
+    dtype='bfloat16')
+
+param_scheduler = [
+    dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
+         convert_to_iter_based=True),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs,
+         end=max_epochs, convert_to_iter_based=True),
+]
+
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+custom_hooks = [
+    dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    dict(type=EvaluateChatHook, tokenizer=tokenizer, every_n_iters=evaluation_freq,
+         evaluation_inputs=evaluation_inputs, prompt_template=prompt_template, system=system,
+         max_new_tokens=160),
+]
+
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=10),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit),
+)
+
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='nccl'))
+visualizer = dict(type=Visualizer, vis_backends=[dict(type=LocalVisBackend), dict(type=TensorboardVisBackend)])
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0, deterministic=False)
+log_processor = dict(by_epoch=False)

@@ -1,0 +1,26 @@
+"""Build objects from config dicts: ``dict(type=callable_or_registered_name, **kwargs)``, nested.
+
+mmengine's ``build_from_cfg`` builds one level; configs here nest (a quantization config inside the
+model loader's arguments), so arguments that are themselves ``type=`` dicts are built first.
+"""
+from __future__ import annotations
+
+from .errors import UserError
+
+
+def build(cfg, registry=None):
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(build(item, registry) for item in cfg)
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        return cfg
+    kwargs = {key: build(value, registry) for key, value in cfg.items() if key != "type"}
+    factory = cfg["type"]
+    if isinstance(factory, str):
+        found = registry.get(factory) if registry is not None else None
+        if found is None:
+            choices = f"; choose one of: {', '.join(sorted(registry.module_dict))}" if registry else ""
+            raise UserError(f"unknown type {factory!r} in the config{choices}")
+        factory = found
+    if not callable(factory):
+        raise UserError(f"config 'type' must be callable, got {factory!r}")
+    return factory(**kwargs)

@@ -1,0 +1,36 @@
+"""``tk``: dispatches to one small module per subcommand; exit codes propagate."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError
+from ..version import __version__
+from . import chat, convert, copy_cfg, list_cfg, train
+
+COMMANDS = (list_cfg, copy_cfg, train, convert, chat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tk", description="Fine-tune LLMs from one Python config file.")
+    parser.add_argument("--version", action="version", version=f"tk {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"tk {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"tk {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

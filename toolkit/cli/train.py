@@ -1,0 +1,26 @@
+"""tk train CFG: train with the mmengine Runner on CPU or one GPU."""
+from mmengine.config import DictAction
+
+from ..config import load_config, validate_config
+from ..engine.runner import build_runner, prepare
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.cfg_options)
+    validate_config(cfg, check_files=True)
+    prepare(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed, config_path=args.config)
+    runner = build_runner(cfg)
+    runner.train()
+    print(f"tk train: done; checkpoints and logs in {runner.work_dir}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train from a config")
+    parser.add_argument("config", help="config file or shipped config name")
+    parser.add_argument("--work-dir", help="where checkpoints and logs go (default work_dirs/CONFIG_NAME)")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                        help="override config settings, e.g. train_cfg.max_epochs=1")
+    parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the latest one")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.set_defaults(func=run)

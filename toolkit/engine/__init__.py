@@ -1,0 +1,1 @@
+"""Training engine: mmengine Runner glue and tk's hooks."""

@@ -1,0 +1,34 @@
+"""Log the training set's size and one decoded sample, with the untrained part marked."""
+from __future__ import annotations
+
+from mmengine.hooks import Hook
+
+from ...data.encode import IGNORE_INDEX
+from ...model.loader import build_tokenizer
+from ...registry import HOOKS
+
+
+def render_masked(input_ids, labels, tokenizer, mark: str = "[no loss]") -> str:
+    """The sample as text, each untrained stretch wrapped as ``[no loss]...[/no loss]``."""
+    pieces, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:i])
+            pieces.append(f"{mark}{text}[/{mark[1:]}" if labels[start] == IGNORE_INDEX else text)
+            start = i
+    return "".join(pieces)
+
+
+@HOOKS.register_module()
+class DatasetInfoHook(Hook):
+    priority = "LOWEST"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = build_tokenizer(tokenizer)
+
+    def before_train(self, runner) -> None:
+        dataset = runner.train_dataloader.dataset
+        sample = dataset[0]
+        trained = sum(label != IGNORE_INDEX for label in sample["labels"])
+        runner.logger.info(f"train set: {len(dataset)} samples; sample 0 has {len(sample['input_ids'])} tokens, "
+                           f"{trained} trained:\n{render_masked(sample['input_ids'], sample['labels'], self.tokenizer)}")

@@ -1,0 +1,45 @@
+"""Turn a loaded config into an mmengine Runner for this machine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.runner import Runner
+
+from ..checkpoint import allow_mmengine_checkpoints
+
+
+def adapt_to_device(cfg: Config) -> None:
+    """On a machine without CUDA, mixed precision falls back to fp32 (mmengine's AMP wrapper needs a GPU)."""
+    from mmengine.optim import AmpOptimWrapper
+    wrapper = cfg.optim_wrapper
+    if torch.cuda.is_available() or wrapper.get("type") not in (AmpOptimWrapper, "AmpOptimWrapper"):
+        return
+    wrapper["type"] = "OptimWrapper"  # a name, not the class: the config must stay dumpable as text
+    for key in ("dtype", "loss_scale"):
+        wrapper.pop(key, None)
+    print_log("no CUDA device: training in fp32 with OptimWrapper instead of AmpOptimWrapper",
+              logger="current")
+
+
+def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None, seed: int | None = None,
+            config_path: str | None = None) -> Config:
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = str(Path("work_dirs") / Path(config_path or cfg.filename).stem)
+    if resume is not None:
+        cfg.resume = True
+        cfg.load_from = None if resume == "auto" else resume
+    if seed is not None:
+        cfg.setdefault("randomness", {})
+        cfg.randomness["seed"] = seed
+    adapt_to_device(cfg)
+    return cfg
+
+
+def build_runner(cfg: Config) -> Runner:
+    allow_mmengine_checkpoints()  # resume loads checkpoints with torch's safe default
+    return Runner.from_cfg(cfg)

@@ -1,0 +1,4 @@
+"""Adapters: peft configs (LoRA, DoRA, ...) and tk's own registered adapter types."""
+from .apply import apply_adapter, is_peft_config
+
+__all__ = ["apply_adapter", "is_peft_config"]

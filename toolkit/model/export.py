@@ -1,0 +1,43 @@
+"""``tk convert pth_to_hf``: a training checkpoint -> an HF adapter folder (or a full HF model folder)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmengine.config import Config
+
+from ..builder import build
+from ..checkpoint import load_model_state
+from ..errors import UserError
+from ..outputs import staged_output
+from .meta import write_meta
+
+
+def chat_settings(cfg: Config) -> dict:
+    """What chat needs to talk like training did: template and system prompt from the config's dataset."""
+    dataset = cfg.train_dataloader.get("dataset", {})
+    return {"template": dataset.get("template", cfg.get("prompt_template")),
+            "system": dataset.get("system", cfg.get("system"))}
+
+
+def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
+    from ..model.sft import SupervisedFinetune  # noqa: F401
+    state = load_model_state(checkpoint)
+    model = build(cfg.model)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise UserError(f"{checkpoint}: {len(result.unexpected_keys)} weights do not belong to the model that "
+                        f"the config builds (e.g. {result.unexpected_keys[0]}); use the config it was trained with")
+    loaded = set(state)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if model.uses_adapter and not trainable <= loaded:
+        raise UserError(f"{checkpoint}: the checkpoint lacks {len(trainable - loaded)} adapter weights "
+                        f"(e.g. {sorted(trainable - loaded)[0]}); is it from this config?")
+    tokenizer = build(cfg.tokenizer) if "tokenizer" in cfg else None
+    with staged_output(Path(out), force) as staging:
+        model.llm.save_pretrained(str(staging), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        llm_cfg = cfg.model.get("llm", {})
+        write_meta(staging, **chat_settings(cfg), base_model=str(llm_cfg.get("path", "")),
+                   kind="adapter" if model.uses_adapter else "model")
+    return Path(out)

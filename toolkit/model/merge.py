@@ -1,0 +1,47 @@
+"""``tk convert merge``: fold a LoRA (or other linear) adapter into its base model's weights."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..outputs import check_writable_output, staged_output
+from .loader import load_causal_lm, load_tokenizer
+from .meta import META_FILE, read_meta
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is present; use --device cpu")
+    return device
+
+
+def load_adapted(base: str, adapter, dtype="auto", device: str = "cpu"):
+    """The base model with the adapter from ``adapter`` (a folder that peft or tk wrote) on top."""
+    from peft import PeftModel
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json); "
+                        f"pass the folder written by `tk convert pth_to_hf`")
+    model = load_causal_lm(base, dtype=dtype)
+    return PeftModel.from_pretrained(model.to(device), str(adapter))
+
+
+def merge(base: str, adapter, out, device: str = "auto", max_shard_size: str = "5GB", dtype="auto",
+          force: bool = False) -> Path:
+    out = check_writable_output(out, force)
+    device = pick_device(device)
+    model = load_adapted(base, adapter, dtype=dtype, device=device)
+    merged = model.merge_and_unload()
+    tokenizer_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(str(tokenizer_src))
+    with staged_output(out, force) as staging:
+        merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        if read_meta(adapter):
+            shutil.copy(Path(adapter) / META_FILE, staging / META_FILE)
+    return out

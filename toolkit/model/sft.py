@@ -1,0 +1,56 @@
+"""The mmengine model for supervised fine-tuning: an HF causal LM, optionally k-bit and adapted."""
+from __future__ import annotations
+
+import torch
+from mmengine.model import BaseModel
+
+from ..builder import build
+from .adapters import apply_adapter
+from .loss import causal_lm_loss
+
+
+def _is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+class SupervisedFinetune(BaseModel):
+    """``llm`` (config dict or module) + optional ``adapter``; ``forward(mode='loss')`` for the Runner.
+
+    With an adapter, only the adapter's weights are trainable and only they go into checkpoints;
+    without one (full fine-tuning), every weight does.
+    """
+
+    def __init__(self, llm, adapter=None, gradient_checkpointing: bool = False, data_preprocessor=None):
+        super().__init__(data_preprocessor=data_preprocessor)
+        model = build(llm) if isinstance(llm, dict) else llm
+        model.config.use_cache = False
+        if _is_quantized(model):
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if adapter is not None:
+                model.enable_input_require_grads()
+        self.uses_adapter = adapter is not None
+        self.llm = apply_adapter(model, adapter)
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, mode: str = "loss"):
+        if mode != "loss":
+            raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
+        return {"loss": causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids)}
+
+    def trainable_parameter_count(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """Only the trainable weights when an adapter is used (small checkpoints, like XTuner)."""
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not self.uses_adapter:
+            return full
+        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+        return type(full)((k, v) for k, v in full.items() if k in trainable)
+
+    @torch.no_grad()
+    def generate(self, input_ids, **kwargs):
+        return self.llm.generate(input_ids=input_ids, **kwargs)

@@ -1,0 +1,36 @@
+"""Writing output folders safely: never into a non-empty folder unless forced, complete or absent."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_writable_output(out, force: bool = False, flag: str = "--force") -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"output folder {out} is not empty; choose a new folder or pass {flag} to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool = False):
+    """Yield a staging folder beside ``out``; it becomes ``out`` only when the block finishes."""
+    out = check_writable_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
