@@ -9,6 +9,7 @@ from ..builder import build
 from ..checkpoint import load_model_state
 from ..errors import UserError
 from ..outputs import staged_output
+from .adapters.quantum import is_adapter_model, save_adapter
 from .meta import write_meta
 
 
@@ -22,7 +23,11 @@ def chat_settings(cfg: Config) -> dict:
 def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
     from ..model.sft import SupervisedFinetune  # noqa: F401
     state = load_model_state(checkpoint)
-    model = build(cfg.model)
+    # One level, as the runner builds it: the model builds its llm and applies its adapter itself
+    # (a registered adapter names its type by string, which the nested builder cannot resolve).
+    model_cfg = dict(cfg.model)
+    model = build(model_cfg) if not isinstance(model_cfg.get("adapter"), dict) else \
+        model_cfg.pop("type")(**model_cfg)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise UserError(f"{checkpoint}: {len(result.unexpected_keys)} weights do not belong to the model that "
@@ -34,7 +39,10 @@ def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
                         f"(e.g. {sorted(trainable - loaded)[0]}); is it from this config?")
     tokenizer = build(cfg.tokenizer) if "tokenizer" in cfg else None
     with staged_output(Path(out), force) as staging:
-        model.llm.save_pretrained(str(staging), safe_serialization=True)
+        if is_adapter_model(model.llm):  # tk's circuit adapters: their own folder format
+            save_adapter(model.llm, staging)
+        else:
+            model.llm.save_pretrained(str(staging), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         llm_cfg = cfg.model.get("llm", {})

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..outputs import check_writable_output, staged_output
+from .adapters import quantum
 from .loader import load_causal_lm, load_tokenizer
 from .meta import META_FILE, read_meta
 
@@ -24,6 +25,8 @@ def load_adapted(base: str, adapter, dtype="auto", device: str = "cpu"):
     """The base model with the adapter from ``adapter`` (a folder that peft or tk wrote) on top."""
     from peft import PeftModel
     adapter = Path(adapter)
+    if quantum.is_adapter_folder(adapter):
+        return quantum.load_adapter(load_causal_lm(base, dtype=dtype).to(device), adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                         f"pass the folder written by `tk convert pth_to_hf`")
@@ -35,8 +38,11 @@ def merge(base: str, adapter, out, device: str = "auto", max_shard_size: str = "
           force: bool = False) -> Path:
     out = check_writable_output(out, force)
     device = pick_device(device)
+    tk_adapter = quantum.is_adapter_folder(adapter)
+    if tk_adapter:
+        quantum.check_mergeable(quantum.read_config(adapter))  # refuse before loading or writing anything
     model = load_adapted(base, adapter, dtype=dtype, device=device)
-    merged = model.merge_and_unload()
+    merged = quantum.merge_and_unload(model) if tk_adapter else model.merge_and_unload()
     tokenizer_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(str(tokenizer_src))
     with staged_output(out, force) as staging:

@@ -1,0 +1,155 @@
+"""QUANTUM.md tests 1, 2, 5 (circuit half), 6 (fast path) and 7: the circuit math, independent of any model."""
+import math
+from functools import reduce
+
+import pytest
+import torch
+
+from toolkit.model.adapters.quantum import quanta as q
+from toolkit.model.adapters.quantum import simulator as sim
+from toolkit.model.adapters.quantum.tq import TQDelta, expval_readout, measure, tq_circuit, tq_unitary
+from toolkit.model.adapters.quantum.vqc import VQCDelta, ring_pairs, vqc_circuit, vqc_unitary
+
+I2 = torch.eye(2, dtype=torch.complex64)
+P0 = torch.tensor([[1, 0], [0, 0]], dtype=torch.complex64)
+P1 = torch.tensor([[0, 0], [0, 1]], dtype=torch.complex64)
+
+
+def on_wire(gate, wire, n):
+    """The full 2^n matrix of a 1-qubit gate, by Kronecker products (wire 0 leftmost)."""
+    return reduce(torch.kron, [gate.to(torch.complex64) if w == wire else I2 for w in range(n)])
+
+
+def controlled(gate, c, t, n):
+    """|0><0|_c ⊗ I + |1><1|_c ⊗ gate_t, by Kronecker products."""
+    off = reduce(torch.kron, [P0 if w == c else I2 for w in range(n)])
+    on = reduce(torch.kron, [P1 if w == c else gate.to(torch.complex64) if w == t else I2 for w in range(n)])
+    return off + on
+
+
+def kron_vqc(theta, n):
+    first, second = ring_pairs(n)
+    u = torch.eye(2 ** n, dtype=torch.complex64)
+    for layer in theta:
+        for ry_angles, ring, pairs in ((layer[0], layer[1], first), (layer[2], layer[3], second)):
+            for w in range(n):
+                u = on_wire(sim.ry(ry_angles[w]), w, n) @ u
+            for angle, (c, t) in zip(ring, pairs):
+                u = controlled(sim.rz(angle), c, t, n) @ u
+    return u
+
+
+def test_gate_matrices_and_cnot():
+    theta = torch.tensor(0.7)
+    assert torch.allclose(sim.ry(theta), torch.tensor([[math.cos(.35), -math.sin(.35)], [math.sin(.35), math.cos(.35)]]))
+    assert torch.allclose(sim.u3(theta, torch.tensor(0.), torch.tensor(0.)), sim.ry(theta).to(torch.complex64))
+    # CNOT(0 -> 1) on |10> gives |11>; wire 0 is the most significant bit
+    u = sim.circuit_unitary(lambda s: sim.apply_controlled(s, sim.PAULI_X, 0, 1), 2)
+    assert torch.equal(u, torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.complex64))
+    assert torch.allclose(sim.circuit_unitary(lambda s: sim.apply_controlled(s, sim.PAULI_X, 2, 0), 3),
+                          controlled(sim.PAULI_X, 2, 0, 3))
+
+
+def test_simulator_equals_kronecker_matrices_and_is_unitary():  # QUANTUM.md test 1
+    torch.manual_seed(0)
+    theta = torch.empty(4, 4, 3).uniform_(-math.pi, math.pi)
+    reference = kron_vqc(theta, 3)
+    simulated = sim.circuit_unitary(vqc_circuit(theta, 3), 3)
+    torch.testing.assert_close(simulated, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vqc_unitary(theta, 3), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference.conj().T @ reference, torch.eye(8, dtype=torch.complex64), atol=1e-5, rtol=0)
+
+
+def test_tq_unitary_equals_kronecker_matrices():
+    torch.manual_seed(1)
+    n, theta = 3, torch.empty(2, 2, 3, 3).uniform_(-math.pi, math.pi)
+    u = torch.eye(8, dtype=torch.complex64)
+    for block in theta:
+        for w in range(n):
+            u = on_wire(sim.u3(*block[0, w]), w, n) @ u
+        for k in range(n):
+            u = controlled(sim.u3(*block[1, k]), k, (k + 1) % n, n) @ u
+    torch.testing.assert_close(tq_unitary(theta, n), u, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sim.circuit_unitary(tq_circuit(theta, n), n), u, atol=1e-5, rtol=0)
+
+
+def test_quanta_einsum_golden_and_gate_by_gate_equals_dense():  # QUANTUM.md test 2
+    assert q.einsum_string(3) == "...abc,efbc,diaf,ghde->...ghi"
+    assert q.axis_pairs(3) == [(-1, -2), (-1, -3), (-2, -3)]
+    torch.manual_seed(0)
+    for dims in ([4, 2, 3, 2], [3, 4, 5]):
+        gates = [torch.randn(dims[b], dims[a], dims[b], dims[a]) / 3 for a, b in q.axis_pairs(len(dims))]
+        x = torch.randn(5, math.prod(dims))
+        by_gate = q.apply_gates(x, gates, dims)
+        torch.testing.assert_close(q.circuit(x, gates, dims), by_gate, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x @ q.dense(gates, dims).T, by_gate, atol=1e-5, rtol=1e-5)
+
+
+def test_quanta_first_gate_acts_on_last_two_axes():
+    dims = [2, 3, 4]
+    gates = [torch.zeros(dims[b], dims[a], dims[b], dims[a]) for a, b in q.axis_pairs(3)]
+    eye = lambda a, b: torch.eye(dims[a] * dims[b]).reshape(dims[b], dims[a], dims[b], dims[a])  # noqa: E731
+    gates[1], gates[2] = eye(-1, -3), eye(-2, -3)
+    swap = torch.zeros(3, 4, 3, 4)
+    swap[0, 1, 0, 0] = 1                   # (b=0, a=0) -> (b=0, a=1); everything else -> 0
+    gates[0] = swap
+    x = torch.zeros(24)
+    x[0] = 1                               # index (0, 0, 0)
+    assert q.circuit(x, gates, dims).nonzero().flatten().tolist() == [1]   # index (0, 0, 1)
+
+
+def test_quanta_rectangular_crop_and_zero_start():
+    torch.manual_seed(0)
+    delta = q.QuantaDelta(40, 20, dims=[4, 2, 3, 2])
+    x = torch.randn(3, 40)
+    assert torch.equal(delta(x), torch.zeros(3, 20))                      # T == S at the start
+    with torch.no_grad():
+        for t in delta.T:
+            t.add_(torch.randn_like(t) * 0.1)
+    full = q.dense(list(delta.T), delta.dims) - q.dense(delta.S, delta.dims)
+    x_pad = torch.nn.functional.pad(x, (0, 8))
+    torch.testing.assert_close(delta(x), (x_pad @ full.T)[:, :20], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta.delta_weight(), full[:20, :40])
+    torch.testing.assert_close(delta(x), x @ delta.delta_weight().T, atol=1e-5, rtol=1e-5)
+
+
+def test_vqc_with_identity_circuit_is_lora_and_crz_angles_learn(monkeypatch):  # QUANTUM.md test 5
+    torch.manual_seed(0)
+    delta = VQCDelta(12, 10, n_qubits=3, n_layers=2, alpha=16)
+    with torch.no_grad():
+        delta.B.normal_()
+    x = torch.randn(4, 12)
+    monkeypatch.setattr(delta, "unitary", lambda: torch.eye(8, dtype=torch.complex64))
+    torch.testing.assert_close(delta(x), 16 / 8 * x @ delta.A.T @ delta.B.T)
+    monkeypatch.undo()
+    delta(x).pow(2).sum().backward()
+    crz = delta.theta.grad[:, 1::2]
+    assert (crz.abs() > 1e-6).all(), crz
+    assert (delta.A.grad.abs() > 0).any() and (delta.B.grad.abs() > 0).any()
+
+
+def test_tq_fast_path_equals_gate_by_gate_and_is_not_additive():  # QUANTUM.md test 6
+    torch.manual_seed(0)
+    n = 3
+    delta = TQDelta(6, 5, n_qubits=n, n_layers=2)
+    phi = torch.pi * torch.tanh(torch.randn(4, 6) @ delta.A.T)
+    fast = expval_readout(phi, delta.unitary())
+    slow = measure(tq_circuit(delta.theta.detach(), n), phi.detach(), n)
+    torch.testing.assert_close(fast.detach(), slow, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        delta.B.normal_()
+    x1, x2 = torch.randn(2, 6), torch.randn(2, 6)
+    assert not torch.allclose(delta(x1 + x2), delta(x1) + delta(x2), atol=1e-3)
+
+
+@pytest.mark.parametrize("d_out", [576, 192])
+def test_parameter_counts(d_out):  # QUANTUM.md test 7
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    r = 8
+    assert count(VQCDelta(576, d_out, n_qubits=3, n_layers=4)) == r * 576 + d_out * r + 4 * 3 * 4
+    assert count(VQCDelta(576, 576, n_qubits=3, n_layers=4)) == 9264
+    assert count(VQCDelta(576, d_out, n_qubits=10, n_layers=10, readout="expval")) == 10 * (576 + d_out) + 400
+    assert count(TQDelta(576, d_out, n_qubits=8, n_layers=2)) == 8 * (576 + d_out) + 6 * 8 * 2
+    assert count(q.QuantaDelta(576, d_out, dims=[8, 8, 9])) == 14464 == 64 ** 2 + 2 * 72 ** 2
+    assert count(q.QuantaDelta(4096, 4096, dims=[16, 8, 8, 4])) == 43008
+    assert q.default_dims(576, d_out) == [5, 5, 5, 5]

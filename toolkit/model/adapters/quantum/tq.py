@@ -1,0 +1,94 @@
+"""tq: TorchQuantum-style encoder / layers / measurement (not mergeable).
+
+φ = π·tanh(A·x) ∈ R^n, RY(φ_k) on wire k; L blocks of (U3 on every wire, then a CU3 ring on pairs
+[k, (k+1) mod n]); z_k = ⟨Z_k⟩; Δy = s · B · z with s = alpha / n. ⟨Z⟩ is quadratic in the amplitudes,
+so the update is not linear in x and there is no ΔW to merge.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import simulator as sim
+
+
+def encode(phi):
+    """ψ_enc = ⊗_k (cos φ_k/2, sin φ_k/2): [..., n] -> [..., 2^n] (real), wire 0 the most significant."""
+    out = torch.ones_like(phi[..., :1])
+    for k in range(phi.shape[-1]):
+        wire = torch.stack([torch.cos(phi[..., k] / 2), torch.sin(phi[..., k] / 2)], -1)
+        out = (out[..., :, None] * wire[..., None, :]).flatten(-2)
+    return out
+
+
+def expval_readout(phi, u):
+    """z = |U ψ_enc(φ)|² · S: ⟨Z_k⟩ per wire after RY(φ) encoding and the circuit U; real matmuls only."""
+    n = phi.shape[-1]
+    psi = encode(phi) @ torch.cat([u.real, u.imag], 0).T                     # [..., 2 * 2^n]
+    prob = psi[..., : 2 ** n] ** 2 + psi[..., 2 ** n:] ** 2
+    return prob @ sim.z_signs(n, phi.device)
+
+
+def cu3_ring(n: int):
+    return [(k, (k + 1) % n) for k in range(n)]
+
+
+def tq_circuit(theta, n: int):
+    """Gate-by-gate (reference) circuit; θ [L, 2, n, 3]: U3 angles per wire, CU3 angles per ring gate."""
+    def circuit(state):
+        for block in theta:
+            for w in range(n):
+                state = sim.apply_1q(state, sim.u3(*block[0, w]), w)
+            for (c, t), angles in zip(cu3_ring(n), block[1]):
+                state = sim.apply_controlled(state, sim.u3(*angles), c, t)
+        return state
+    return circuit
+
+
+def tq_unitary(theta, n: int):
+    """U(θ): the U3 layers as one Kronecker matrix each, the CU3 gates applied to the unitary's columns."""
+    dim = 2 ** n
+    u3_layers = sim.kron_all(sim.u3(*theta[:, 0].unbind(-1)))                  # [L, 2^n, 2^n]
+    cu3 = sim.u3(*theta[:, 1].unbind(-1))                                      # [L, n, 2, 2]
+    state = torch.eye(dim, dtype=sim.CDTYPE, device=theta.device)              # rows: U^T so far
+    for block in range(theta.shape[0]):
+        state = (state @ u3_layers[block].T).reshape(dim, *([2] * n))
+        for (c, t), gate in zip(cu3_ring(n), cu3[block]):
+            state = sim.apply_controlled(state, gate, c, t)
+        state = state.reshape(dim, dim)
+    return state.T
+
+
+def measure(state_fn, phi, n: int):
+    """⟨Z_k⟩ by simulating each token's encoded state gate by gate (reference for the fast path)."""
+    out = []
+    for token in phi:
+        state = torch.zeros(1, *([2] * n), dtype=sim.CDTYPE)
+        state[(0,) + (0,) * n] = 1
+        for w in range(n):
+            state = sim.apply_1q(state, sim.ry(token[w]), w)
+        out.append(state_fn(state).reshape(-1).abs() ** 2)
+    return torch.stack(out) @ sim.z_signs(n)
+
+
+class TQDelta(nn.Module):
+    mergeable = False
+
+    def __init__(self, in_features: int, out_features: int, n_qubits: int = 8, n_layers: int = 2,
+                 alpha: float | None = None):
+        super().__init__()
+        self.n_qubits = n_qubits
+        self.scale = (alpha if alpha is not None else n_qubits) / n_qubits
+        self.A = nn.Parameter(torch.empty(n_qubits, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, n_qubits))
+        self.theta = nn.Parameter(torch.empty(n_layers, 2, n_qubits, 3).uniform_(-math.pi, math.pi))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def unitary(self):
+        return tq_unitary(self.theta, self.n_qubits)
+
+    def forward(self, x):
+        z = expval_readout(torch.pi * torch.tanh(x @ self.A.T), self.unitary())
+        return z @ (self.scale * self.B).T
