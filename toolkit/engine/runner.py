@@ -12,16 +12,18 @@ from ..checkpoint import allow_mmengine_checkpoints
 
 
 def adapt_to_device(cfg: Config) -> None:
-    """On a machine without CUDA, mixed precision falls back to fp32 (mmengine's AMP wrapper needs a GPU)."""
+    """On a machine without CUDA, mixed precision falls back to fp32 (mmengine's AMP wrapper needs a GPU);
+    so does ``dtype=None`` (the config's ``amp_dtype = None``), which mmengine would read as fp16."""
     from mmengine.optim import AmpOptimWrapper
     wrapper = cfg.optim_wrapper
-    if torch.cuda.is_available() or wrapper.get("type") not in (AmpOptimWrapper, "AmpOptimWrapper"):
+    if wrapper.get("type") not in (AmpOptimWrapper, "AmpOptimWrapper") or \
+            (torch.cuda.is_available() and wrapper.get("dtype", "float16") is not None):
         return
     wrapper["type"] = "OptimWrapper"  # a name, not the class: the config must stay dumpable as text
     for key in ("dtype", "loss_scale"):
         wrapper.pop(key, None)
-    print_log("no CUDA device: training in fp32 with OptimWrapper instead of AmpOptimWrapper",
-              logger="current")
+    reason = "amp_dtype is None" if torch.cuda.is_available() else "no CUDA device"
+    print_log(f"{reason}: training in fp32 with OptimWrapper instead of AmpOptimWrapper", logger="current")
 
 
 def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None, seed: int | None = None,
@@ -37,7 +39,15 @@ def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None,
         cfg.setdefault("randomness", {})
         cfg.randomness["seed"] = seed
     adapt_to_device(cfg)
+    drop_disabled_validation(cfg)
     return cfg
+
+
+def drop_disabled_validation(cfg: Config) -> None:
+    """``val_size = 0`` and no ``val_data_source`` in a config wired for validation: no validation."""
+    dataset = (cfg.get("val_dataloader") or {}).get("dataset") or {}
+    if "val_size" in dataset and not dataset.get("val_size") and dataset.get("val_source") is None:
+        cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
 
 
 def build_runner(cfg: Config) -> Runner:

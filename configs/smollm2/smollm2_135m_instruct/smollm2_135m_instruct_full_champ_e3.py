@@ -3,16 +3,21 @@
 Every weight trains (no adapter); `tk convert pth_to_hf` then writes a whole HF model folder.
 Runs on CPU (slower than the LoRA config) and on one GPU.
 """
+from mmengine.dataset import DefaultSampler
 from mmengine.hooks import CheckpointHook, IterTimerHook, LoggerHook, ParamSchedulerHook
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from mmengine.optim import AmpOptimWrapper
 from mmengine.visualization import LocalVisBackend, TensorboardVisBackend, Visualizer
 from torch.optim import AdamW
 
 from toolkit.data.collate import sft_collate_fn
-from toolkit.data.dataset import build_sft_dataset
 from toolkit.data.samplers import LengthGroupedSampler
-from toolkit.engine.hooks import DatasetInfoHook, EvaluateChatHook
-from toolkit.engine.loops import TrainLoop
+from toolkit.data.split import build_split_dataset
+from toolkit.engine.hooks import (DatasetInfoHook, EvaluateChatHook, LossPlotHook, ProgressBarHook, SummaryHook,
+                                  ThroughputHook)
+from toolkit.engine.log_processor import LogProcessor
+from toolkit.engine.loops import TrainLoop, ValLoop
+from toolkit.engine.metrics import ValLoss
+from toolkit.engine.schedule import WarmupDecayLR
 from toolkit.model.loader import load_causal_lm, load_tokenizer
 from toolkit.model.sft import SupervisedFinetune
 
@@ -37,11 +42,18 @@ max_epochs = 3
 lr = 2e-5
 weight_decay = 0.01
 max_norm = 1.0
-warmup_ratio = 0.03
+warmup_ratio = 0.03            # of all iterations (or set warmup_steps=N in param_scheduler)
+lr_scheduler_type = 'cosine'   # after warmup: 'cosine', 'linear' or 'constant'
+amp_dtype = 'bfloat16'         # mixed precision on a GPU: 'bfloat16' or 'float16'; None: fp32 (always on CPU)
+gradient_checkpointing = False  # recompute activations in backward: less memory, ~30% slower
 
-# Checkpoints and evaluation
+# Validation, checkpoints and evaluation
+val_size = 0                   # held out of the data: a fraction (0.05) or a sample count; 0: none
+val_data_source = None         # or a separate validation file (then nothing is held out)
+val_interval = 100             # iterations between validations (and at the end); best checkpoint by val loss
 save_steps = 100
-save_total_limit = 2
+save_total_limit = 2           # newest checkpoints kept (the best one is kept besides)
+logging_steps = 10             # log lines, tensorboard scalars and loss.png refresh
 evaluation_freq = 1000
 evaluation_inputs = [
     'Find the number of positive divisors of 12.',
@@ -55,13 +67,17 @@ tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path)
 model = dict(
     type=SupervisedFinetune,
     llm=dict(type=load_causal_lm, path=pretrained_model_name_or_path, dtype='float32'),
+    gradient_checkpointing=gradient_checkpointing,
     adapter=None)
 
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
 train_dataset = dict(
-    type=build_sft_dataset,
+    type=build_split_dataset,
+    split='train',
+    val_size=val_size,
+    val_source=val_data_source,
     tokenizer=tokenizer,
     source=data_source,
     map_fn=dataset_map_fn,
@@ -77,6 +93,15 @@ train_dataloader = dict(
     sampler=dict(type=LengthGroupedSampler, batch_size=batch_size),  # batches of similar length: little padding
     collate_fn=dict(type=sft_collate_fn))
 
+val_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=0,
+    dataset=dict(train_dataset, split='val'),
+    sampler=dict(type=DefaultSampler, shuffle=False),
+    collate_fn=dict(type=sft_collate_fn))
+val_evaluator = dict(type=ValLoss)  # val/loss: mean loss per trained token
+val_cfg = dict(type=ValLoop)
+
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
@@ -87,16 +112,11 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
     loss_scale='dynamic',
-    dtype='bfloat16')
+    dtype=amp_dtype)
 
-param_scheduler = [
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=True, begin=0, end=warmup_ratio * max_epochs,
-         convert_to_iter_based=True),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=True, begin=warmup_ratio * max_epochs,
-         end=max_epochs, convert_to_iter_based=True),
-]
+param_scheduler = dict(type=WarmupDecayLR, decay=lr_scheduler_type, warmup_ratio=warmup_ratio, by_epoch=False)
 
-train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs, val_interval=val_interval)
 
 #######################################################################
 #                           PART 5  Runtime                           #
@@ -106,13 +126,18 @@ custom_hooks = [
     dict(type=EvaluateChatHook, tokenizer=tokenizer, every_n_iters=evaluation_freq,
          evaluation_inputs=evaluation_inputs, prompt_template=prompt_template, system=system,
          max_new_tokens=160),
+    dict(type=ThroughputHook),        # tokens/s, TFLOPs, MFU, peak memory
+    dict(type=LossPlotHook, interval=logging_steps),  # work_dir/loss.png
+    dict(type=ProgressBarHook),       # on a terminal: a bar with ETA
+    dict(type=SummaryHook),           # at the end: where everything is (work_dir/summary.json)
 ]
 
 default_hooks = dict(
     timer=dict(type=IterTimerHook),
-    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=10),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=logging_steps),
     param_scheduler=dict(type=ParamSchedulerHook),
-    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit),
+    checkpoint=dict(type=CheckpointHook, by_epoch=False, interval=save_steps, max_keep_ckpts=save_total_limit,
+                    save_best='val/loss', rule='less'),
 )
 
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
@@ -122,4 +147,4 @@ log_level = 'INFO'
 load_from = None
 resume = False
 randomness = dict(seed=0, deterministic=False)
-log_processor = dict(by_epoch=False)
+log_processor = dict(type=LogProcessor, by_epoch=False, window_size=logging_steps)  # train loss: interval mean

@@ -32,3 +32,5 @@ class DatasetInfoHook(Hook):
         trained = sum(label != IGNORE_INDEX for label in sample["labels"])
         runner.logger.info(f"train set: {len(dataset)} samples; sample 0 has {len(sample['input_ids'])} tokens, "
                            f"{trained} trained:\n{render_masked(sample['input_ids'], sample['labels'], self.tokenizer)}")
+        if runner.val_loop is not None:
+            runner.logger.info(f"validation set: {len(runner.val_loop.dataloader.dataset)} samples")

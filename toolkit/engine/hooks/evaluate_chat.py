@@ -10,6 +10,7 @@ from mmengine.model import is_model_wrapper
 from ...chat.session import ChatSession
 from ...model.loader import build_tokenizer
 from ...registry import HOOKS
+from .random_state import capture_rng_state, restore_rng_state
 
 
 @HOOKS.register_module()
@@ -27,19 +28,20 @@ class EvaluateChatHook(Hook):
 
     def _answer(self, runner, tag: str) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        records = []
+        records, rng = [], capture_rng_state()  # sampling must not shift training's dropout masks
         for prompt in self.inputs:
             session = ChatSession(model.llm, self.tokenizer, self.template, self.system,
                                   max_new_tokens=self.max_new_tokens)
             reply = session.ask(prompt)
             runner.logger.info(f"eval-chat ({tag})\n>>> {prompt}\n{reply}\n")
             records.append({"iter": runner.iter, "tag": tag, "prompt": prompt, "reply": reply})
+        restore_rng_state(rng)
         with open(Path(runner.work_dir) / "eval_chat.jsonl", "a", encoding="utf-8") as out:
             for record in records:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def before_train(self, runner) -> None:
-        self._answer(runner, "before training")
+        self._answer(runner, "before training" if runner.iter == 0 else f"resumed at iter {runner.iter}")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.every_n_iters and self.every_n_train_iters(runner, self.every_n_iters) \
