@@ -8,7 +8,7 @@ import torch
 from toolkit.model.adapters.quantum import quanta as q
 from toolkit.model.adapters.quantum import simulator as sim
 from toolkit.model.adapters.quantum.tq import TQDelta, expval_readout, measure, tq_circuit, tq_unitary
-from toolkit.model.adapters.quantum.vqc import VQCDelta, ring_pairs, vqc_circuit, vqc_unitary
+from toolkit.model.adapters.quantum.vqc import VQCDelta, ring_pairs, vqc_circuit, vqc_expval, vqc_unitary
 
 I2 = torch.eye(2, dtype=torch.complex64)
 P0 = torch.tensor([[1, 0], [0, 0]], dtype=torch.complex64)
@@ -44,9 +44,9 @@ def test_gate_matrices_and_cnot():
     assert torch.allclose(sim.ry(theta), torch.tensor([[math.cos(.35), -math.sin(.35)], [math.sin(.35), math.cos(.35)]]))
     assert torch.allclose(sim.u3(theta, torch.tensor(0.), torch.tensor(0.)), sim.ry(theta).to(torch.complex64))
     # CNOT(0 -> 1) on |10> gives |11>; wire 0 is the most significant bit
-    u = sim.circuit_unitary(lambda s: sim.apply_controlled(s, sim.PAULI_X, 0, 1), 2)
+    u = sim.circuit_unitary(lambda s: sim.apply_controlled(s, sim.PAULI_X, 0, 1, 2), 2)
     assert torch.equal(u, torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.complex64))
-    assert torch.allclose(sim.circuit_unitary(lambda s: sim.apply_controlled(s, sim.PAULI_X, 2, 0), 3),
+    assert torch.allclose(sim.circuit_unitary(lambda s: sim.apply_controlled(s, sim.PAULI_X, 2, 0, 3), 3),
                           controlled(sim.PAULI_X, 2, 0, 3))
 
 
@@ -153,3 +153,22 @@ def test_parameter_counts(d_out):  # QUANTUM.md test 7
     assert count(q.QuantaDelta(576, d_out, dims=[8, 8, 9])) == 14464 == 64 ** 2 + 2 * 72 ** 2
     assert count(q.QuantaDelta(4096, 4096, dims=[16, 8, 8, 4])) == 43008
     assert q.default_dims(576, d_out) == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_vqc_expval_on_states_equals_unitary_readout(n):
+    torch.manual_seed(n)
+    theta = torch.empty(3, 4, n).uniform_(-math.pi, math.pi)
+    phi = torch.empty(6, n).uniform_(-math.pi, math.pi)
+    reference = measure(vqc_circuit(theta, n), phi, n)
+    torch.testing.assert_close(expval_readout(phi, vqc_unitary(theta, n)), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vqc_expval(phi, theta, n), reference, atol=1e-5, rtol=0)
+
+
+def test_batched_unitaries_equal_one_by_one():
+    torch.manual_seed(2)
+    vqc_theta = torch.empty(3, 2, 4, 3).uniform_(-math.pi, math.pi)
+    tq_theta = torch.empty(3, 2, 2, 3, 3).uniform_(-math.pi, math.pi)
+    for batched, single in ((vqc_unitary(vqc_theta, 3), [vqc_unitary(t, 3) for t in vqc_theta]),
+                            (tq_unitary(tq_theta, 3), [tq_unitary(t, 3) for t in tq_theta])):
+        torch.testing.assert_close(batched, torch.stack(single), atol=1e-6, rtol=0)

@@ -6,9 +6,11 @@ import sys
 
 from ..errors import UserError
 from ..version import __version__
-from . import chat, convert, copy_cfg, list_cfg, train
+from . import (chat, check_custom_dataset, compare, convert, copy_cfg, list_cfg, list_dataset_format, log_dataset,
+               serve, train, web)
 
-COMMANDS = (list_cfg, copy_cfg, train, convert, chat)
+COMMANDS = (list_cfg, copy_cfg, train, convert, chat, web, serve, list_dataset_format, check_custom_dataset,
+            log_dataset, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ dropout=0.05)``; see docs/quantum.md and QUANTUM.md for the formulas.
 """
 from ....registry import ADAPTERS
 from .inject import (CONFIG_FILE, WEIGHTS_FILE, adapted_layers, check_mergeable, inject, is_adapter_folder,
-                     is_adapter_model, load_adapter, merge_and_unload, read_config, save_adapter)
+                     is_adapter_model, load_adapter, merge_and_unload, read_config, save_adapter, unload)
 from .layer import QuantumLinear
 
 
@@ -27,4 +27,4 @@ for _name, _builder in (("vqc", build_vqc), ("tq", build_tq), ("quanta", build_q
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "QuantumLinear", "adapted_layers", "build_quanta", "build_tq",
            "build_vqc", "check_mergeable", "inject", "is_adapter_folder", "is_adapter_model", "load_adapter",
-           "merge_and_unload", "read_config", "save_adapter"]
+           "merge_and_unload", "read_config", "save_adapter", "unload"]

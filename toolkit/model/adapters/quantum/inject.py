@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ....errors import UserError
+from .bank import attach_banks
 from .layer import QuantumLinear
 from .quanta import QuantaDelta
 from .tq import TQDelta
@@ -77,6 +78,7 @@ def inject(model: nn.Module, kind: str, target_modules=("q_proj", "v_proj"), dro
         delta = build(name, layer, **settings).to(layer.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, QuantumLinear(layer, delta, dropout).train(layer.training))
+    model._tk_banks = attach_banks(model, [layer.delta for layer in adapted_layers(model).values()])
     setattr(model, ATTR, {"type": kind, "target_modules": target_modules if isinstance(target_modules, str)
                           else list(target_modules), "dropout": dropout, **settings})
     return model
@@ -143,12 +145,20 @@ def check_mergeable(settings: dict) -> None:
                         f"in the amplitudes); use it unmerged: tk chat BASE --adapter ADAPTER")
 
 
+def unload(model: nn.Module) -> nn.Module:
+    """Put the plain base layers back (merged or not) and drop the adapter's hooks."""
+    for name, layer in adapted_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    model.__dict__.pop(ATTR, None)
+    for bank in model.__dict__.pop("_tk_banks", []):
+        bank.detach()
+    return model
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every ΔW into its base weight and put the plain base layers back."""
     check_mergeable(getattr(model, ATTR, {}))
-    for name, layer in adapted_layers(model).items():
+    for layer in adapted_layers(model).values():
         layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base_layer)
-    delattr(model, ATTR)
-    return model
+    return unload(model)

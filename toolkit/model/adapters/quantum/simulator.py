@@ -40,18 +40,22 @@ def u3(theta, phi, lam):
 PAULI_X = torch.tensor([[0, 1], [1, 0]], dtype=CDTYPE)
 
 
-def apply_1q(state, gate, wire: int):
-    """Apply a 2x2 ``gate`` to ``wire`` of ``state`` [B, 2, ..., 2]."""
-    axis = wire + 1
-    out = torch.tensordot(_c(gate).to(state.device), state, dims=([1], [axis]))
-    return out.movedim(0, axis)
+def apply_1q(state, gate, wire: int, n: int):
+    """Apply a 2x2 ``gate`` to ``wire`` of ``state`` [..., 2 (wire 0), ..., 2 (wire n-1)].
+
+    ``gate`` may carry leading batch dims [G..., 2, 2]; they line up with the state's leading dims.
+    """
+    s = state.movedim(wire - n, -1)
+    g = _c(gate).to(state.device)
+    g = g.reshape(*g.shape[:-2], *([1] * (s.dim() - g.dim() + 1)), 2, 2)
+    return (g @ s.unsqueeze(-1)).squeeze(-1).movedim(-1, wire - n)
 
 
-def apply_controlled(state, gate, control: int, target: int):
+def apply_controlled(state, gate, control: int, target: int, n: int):
     """Apply ``gate`` to ``target`` on the slice of ``state`` where ``control`` is 1."""
-    s0, s1 = state.unbind(control + 1)
-    s1 = apply_1q(s1, gate, target if target < control else target - 1)
-    return torch.stack([s0, s1], dim=control + 1)
+    s0, s1 = state.unbind(control - n)
+    s1 = apply_1q(s1, gate, target if target < control else target - 1, n - 1)
+    return torch.stack([s0, s1], dim=control - n)
 
 
 def circuit_unitary(circuit, n: int, device=None):

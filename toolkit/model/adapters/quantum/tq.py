@@ -12,21 +12,29 @@ import torch
 from torch import nn
 
 from . import simulator as sim
+from .bank import bank_unitary
 
 
 def encode(phi):
-    """ψ_enc = ⊗_k (cos φ_k/2, sin φ_k/2): [..., n] -> [..., 2^n] (real), wire 0 the most significant."""
-    out = torch.ones_like(phi[..., :1])
-    for k in range(phi.shape[-1]):
-        wire = torch.stack([torch.cos(phi[..., k] / 2), torch.sin(phi[..., k] / 2)], -1)
-        out = (out[..., :, None] * wire[..., None, :]).flatten(-2)
-    return out
+    """ψ_enc = ⊗_k (cos φ_k/2, sin φ_k/2): [..., n] -> [..., 2^n] (real), wire 0 the most significant.
+
+    Amplitude j is the product over wires of cos or sin by bit k of j: one gather and one product.
+    """
+    n = phi.shape[-1]
+    wires = torch.stack([torch.cos(phi / 2), torch.sin(phi / 2)], -1)               # [..., n, 2]
+    index = sim.bits(n, phi.device).long().T.expand(*phi.shape[:-1], n, 2 ** n)      # [..., n, 2^n]
+    return torch.gather(wires, -1, index).prod(-2)
 
 
-def expval_readout(phi, u):
+def real_form(u):
+    """[Re U; Im U] stacked: [..., 2·2^n, 2^n], so the readout needs real matmuls only."""
+    return torch.cat([u.real, u.imag], -2)
+
+
+def expval_readout(phi, u, real=None):
     """z = |U ψ_enc(φ)|² · S: ⟨Z_k⟩ per wire after RY(φ) encoding and the circuit U; real matmuls only."""
     n = phi.shape[-1]
-    psi = encode(phi) @ torch.cat([u.real, u.imag], 0).T                     # [..., 2 * 2^n]
+    psi = encode(phi) @ (real_form(u) if real is None else real).T                 # [..., 2 * 2^n]
     prob = psi[..., : 2 ** n] ** 2 + psi[..., 2 ** n:] ** 2
     return prob @ sim.z_signs(n, phi.device)
 
@@ -40,25 +48,28 @@ def tq_circuit(theta, n: int):
     def circuit(state):
         for block in theta:
             for w in range(n):
-                state = sim.apply_1q(state, sim.u3(*block[0, w]), w)
+                state = sim.apply_1q(state, sim.u3(*block[0, w]), w, n)
             for (c, t), angles in zip(cu3_ring(n), block[1]):
-                state = sim.apply_controlled(state, sim.u3(*angles), c, t)
+                state = sim.apply_controlled(state, sim.u3(*angles), c, t, n)
         return state
     return circuit
 
 
 def tq_unitary(theta, n: int):
-    """U(θ): the U3 layers as one Kronecker matrix each, the CU3 gates applied to the unitary's columns."""
-    dim = 2 ** n
-    u3_layers = sim.kron_all(sim.u3(*theta[:, 0].unbind(-1)))                  # [L, 2^n, 2^n]
-    cu3 = sim.u3(*theta[:, 1].unbind(-1))                                      # [L, n, 2, 2]
-    state = torch.eye(dim, dtype=sim.CDTYPE, device=theta.device)              # rows: U^T so far
-    for block in range(theta.shape[0]):
-        state = (state @ u3_layers[block].T).reshape(dim, *([2] * n))
-        for (c, t), gate in zip(cu3_ring(n), cu3[block]):
-            state = sim.apply_controlled(state, gate, c, t)
-        state = state.reshape(dim, dim)
-    return state.T
+    """U(θ): the U3 layers as one Kronecker matrix each, the CU3 gates applied to the unitary's columns.
+
+    θ [..., L, 2, n, 3] -> [..., 2^n, 2^n]: leading dims batch several circuits (one per adapted layer).
+    """
+    dim, batch = 2 ** n, theta.shape[:-4]
+    u3_layers = sim.kron_all(sim.u3(*theta[..., 0, :, :].unbind(-1)))          # [..., L, 2^n, 2^n]
+    cu3 = sim.u3(*theta[..., 1, :, :].unbind(-1))                              # [..., L, n, 2, 2]
+    state = torch.eye(dim, dtype=sim.CDTYPE, device=theta.device).expand(*batch, dim, dim)  # rows: U^T so far
+    for block in range(theta.shape[-4]):
+        state = (state @ u3_layers[..., block, :, :].transpose(-1, -2)).reshape(*batch, dim, *([2] * n))
+        for k, (c, t) in enumerate(cu3_ring(n)):
+            state = sim.apply_controlled(state, cu3[..., block, k, :, :].unsqueeze(-3), c, t, n)
+        state = state.reshape(*batch, dim, dim)
+    return state.transpose(-1, -2)
 
 
 def measure(state_fn, phi, n: int):
@@ -68,7 +79,7 @@ def measure(state_fn, phi, n: int):
         state = torch.zeros(1, *([2] * n), dtype=sim.CDTYPE)
         state[(0,) + (0,) * n] = 1
         for w in range(n):
-            state = sim.apply_1q(state, sim.ry(token[w]), w)
+            state = sim.apply_1q(state, sim.ry(token[w]), w, n)
         out.append(state_fn(state).reshape(-1).abs() ** 2)
     return torch.stack(out) @ sim.z_signs(n)
 
@@ -86,9 +97,18 @@ class TQDelta(nn.Module):
         self.theta = nn.Parameter(torch.empty(n_layers, 2, n_qubits, 3).uniform_(-math.pi, math.pi))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
+    @property
+    def bank_key(self):
+        return ("tq", self.n_qubits, self.theta.shape[0])
+
+    def batched_unitary(self, thetas):
+        return real_form(tq_unitary(thetas, self.n_qubits))
+
     def unitary(self):
         return tq_unitary(self.theta, self.n_qubits)
 
     def forward(self, x):
-        z = expval_readout(torch.pi * torch.tanh(x @ self.A.T), self.unitary())
+        real = bank_unitary(self)
+        real = real_form(self.unitary()) if real is None else real
+        z = expval_readout(torch.pi * torch.tanh(x @ self.A.T), None, real)
         return z @ (self.scale * self.B).T

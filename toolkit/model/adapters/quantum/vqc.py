@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import simulator as sim
-from .tq import expval_readout
+from .bank import bank_unitary
+from .tq import encode
 
 
 def ring_pairs(n: int):
@@ -32,26 +33,53 @@ def vqc_circuit(theta, n: int):
         for layer in theta:
             for ry_angles, ring_angles, pairs in ((layer[0], layer[1], first), (layer[2], layer[3], second)):
                 for w in range(n):
-                    state = sim.apply_1q(state, sim.ry(ry_angles[w]), w)
+                    state = sim.apply_1q(state, sim.ry(ry_angles[w]), w, n)
                 for angle, (c, t) in zip(ring_angles, pairs):
-                    state = sim.apply_controlled(state, sim.rz(angle), c, t)
+                    state = sim.apply_controlled(state, sim.rz(angle), c, t, n)
         return state
     return circuit
 
 
 def vqc_unitary(theta, n: int):
-    """U(θ) in closed form: per layer D2·K2·D1·K1, K a Kronecker product of RYs, D a CRZ-ring diagonal."""
+    """U(θ) in closed form: per layer D2·K2·D1·K1, K a Kronecker product of RYs, D a CRZ-ring diagonal.
+
+    θ [..., L, 4, n] -> [..., 2^n, 2^n]: leading dims batch several circuits (one per adapted layer).
+    """
     first, second = ring_pairs(n)
-    k = sim.kron_all(sim.ry(theta[:, 0::2])).to(sim.CDTYPE)                    # [L, 2, 2^n, 2^n]
-    phases = torch.stack([sim.crz_phases(n, first, theta.device) @ theta[:, 1].T,
-                          sim.crz_phases(n, second, theta.device) @ theta[:, 3].T], 0)  # [2, 2^n, L]
-    d = torch.polar(torch.ones_like(phases), phases).permute(2, 0, 1)           # [L, 2, 2^n]
-    dk = d[..., None] * k
-    layers = dk[:, 1] @ dk[:, 0]
-    u = layers[0]
-    for layer in layers[1:]:
-        u = layer @ u
+    k = sim.kron_all(sim.ry(theta[..., 0::2, :])).to(sim.CDTYPE)               # [..., L, 2, 2^n, 2^n]
+    phases = torch.stack([theta[..., 1, :] @ sim.crz_phases(n, first, theta.device).T,
+                          theta[..., 3, :] @ sim.crz_phases(n, second, theta.device).T], -2)  # [..., L, 2, 2^n]
+    dk = torch.polar(torch.ones_like(phases), phases)[..., None] * k
+    layers = dk[..., 1, :, :] @ dk[..., 0, :, :]                                 # [..., L, 2^n, 2^n]
+    u = layers[..., 0, :, :]
+    for layer in range(1, theta.shape[-3]):
+        u = layers[..., layer, :, :] @ u
     return u
+
+
+def vqc_expval(phi, theta, n: int):
+    """⟨Z_k⟩ of U(θ)·ψ_enc(φ), applying the layers to the token states instead of building U.
+
+    Building U costs L·8^n (n=10: 10 complex 1024³ matmuls a layer); on the states each RY layer is
+    two small Kronecker factors (2^(n/2) each) and each CRZ ring an elementwise phase: T·L·2^n·2^(n/2+1).
+    """
+    first, second = ring_pairs(n)
+    half = n // 2
+    rot = sim.ry(theta[:, 0::2])                                                # [L, 2, n, 2, 2]
+    ka = sim.kron_all(rot[..., :half, :, :]).to(sim.CDTYPE)                     # [L, 2, 2^half, 2^half]
+    kb = sim.kron_all(rot[..., half:, :, :]).to(sim.CDTYPE)
+    phases = torch.stack([sim.crz_phases(n, first, theta.device) @ theta[:, 1].T,
+                          sim.crz_phases(n, second, theta.device) @ theta[:, 3].T], 0).permute(2, 0, 1)
+    diag = torch.polar(torch.ones_like(phases), phases)                         # [L, 2, 2^n]
+    psi = encode(phi).to(sim.CDTYPE)
+    shape = psi.shape
+    psi = psi.reshape(-1, 2 ** half, 2 ** (n - half))
+    for layer in range(theta.shape[0]):
+        for sub in range(2):
+            psi = torch.einsum("tab,ia,jb->tij", psi, ka[layer, sub], kb[layer, sub])
+            psi = psi * diag[layer, sub].reshape(1, 2 ** half, 2 ** (n - half))
+    prob = psi.real ** 2 + psi.imag ** 2
+    return prob.reshape(shape) @ sim.z_signs(n, phi.device)
 
 
 class VQCDelta(nn.Module):
@@ -72,14 +100,23 @@ class VQCDelta(nn.Module):
     def mergeable(self) -> bool:
         return self.readout == "amplitude"
 
+    @property
+    def bank_key(self):
+        """Circuits with equal keys share one batched unitary build per model forward (bank.py)."""
+        return ("vqc", self.n_qubits, self.theta.shape[0]) if self.readout == "amplitude" else None
+
+    def batched_unitary(self, thetas):
+        return vqc_unitary(thetas, self.n_qubits)
+
     def unitary(self):
-        return vqc_unitary(self.theta, self.n_qubits)
+        u = bank_unitary(self)
+        return vqc_unitary(self.theta, self.n_qubits) if u is None else u
 
     def forward(self, x):
-        u = self.unitary()
         if self.readout == "expval":
-            return self.scale * expval_readout(torch.pi * torch.tanh(x @ self.A.T), u) @ self.B.T
-        return (x @ (u.real @ self.A).T) @ (self.scale * self.B).T
+            z = vqc_expval(torch.pi * torch.tanh(x @ self.A.T), self.theta, self.n_qubits)
+            return z @ (self.scale * self.B).T
+        return (x @ (self.unitary().real @ self.A).T) @ (self.scale * self.B).T
 
     def delta_weight(self):
-        return self.scale * self.B @ self.unitary().real @ self.A
+        return self.scale * self.B @ vqc_unitary(self.theta, self.n_qubits).real @ self.A
