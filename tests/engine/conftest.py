@@ -11,21 +11,26 @@ from toolkit.cli.main import main
 FAST = ["custom_hooks.1.evaluation_inputs=[]", "default_hooks.logger.interval=1"]
 
 
+def make_tiny_config(folder: Path, tiny_llama_dir: str, **settings) -> Path:
+    """Copy the LoRA config into ``folder``, point it at the tiny llama and set PART 1 ``settings``."""
+    assert main(["copy-cfg", "smollm2_135m_instruct_lora_champ_e3", str(folder)]) == 0
+    path = folder / "smollm2_135m_instruct_lora_champ_e3_copy.py"
+    text = path.read_text()
+    base = dict(pretrained_model_name_or_path=tiny_llama_dir, max_length=128, drop_long_samples=False,
+                lr=1e-2, logging_steps=1)
+    for key, value in {**base, **settings}.items():
+        text, n = re.subn(rf"^{key} = [^#\n]*", f"{key} = {value!r}  ", text, count=1, flags=re.M)
+        assert n == 1, f"{key} not in the config"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_llama_dir):
-    """``tiny_config(**settings)``: copy the LoRA config, point it at the tiny llama, set PART 1 settings."""
+    """``tiny_config(**settings)``: a fresh copy of the LoRA config on the tiny llama."""
     def make(**settings) -> Path:
         folder = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*')))}"
-        assert main(["copy-cfg", "smollm2_135m_instruct_lora_champ_e3", str(folder)]) == 0
-        path = folder / "smollm2_135m_instruct_lora_champ_e3_copy.py"
-        text = path.read_text()
-        base = dict(pretrained_model_name_or_path=tiny_llama_dir, max_length=128, drop_long_samples=False,
-                    lr=1e-2, logging_steps=1)
-        for key, value in {**base, **settings}.items():
-            text, n = re.subn(rf"^{key} = [^#\n]*", f"{key} = {value!r}  ", text, count=1, flags=re.M)
-            assert n == 1, f"{key} not in the config"
-        path.write_text(text)
-        return path
+        return make_tiny_config(folder, tiny_llama_dir, **settings)
     return make
 
 

@@ -46,7 +46,7 @@ def build_split_dataset(split: str, val_size: int | float = 0, val_source=None, 
     if split not in ("train", "val"):
         raise UserError(f"split={split!r}: use 'train' or 'val'")
     if val_source is not None:
-        return build_sft_dataset(source=val_source, **kwargs) if split == "val" else build_sft_dataset(**kwargs)
+        return build_sft_dataset(**({**kwargs, "source": val_source} if split == "val" else kwargs))
     dataset = build_sft_dataset(**kwargs)
     if not val_size:
         if split == "val":

@@ -39,6 +39,11 @@ class SupervisedFinetune(BaseModel):
             raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
         return {"loss": causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids)}
 
+    def init_weights(self) -> None:
+        """Nothing to do: weights come from the checkpoint and the adapter's own init. mmengine's Runner
+        calls this before training, and passing it on would let transformers re-initialise the adapter's
+        new modules (LoRA B would start random instead of zero)."""
+
     def trainable_parameter_count(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())

@@ -26,7 +26,7 @@ class EvaluateChatHook(Hook):
         self.template, self.system = prompt_template, system
         self.every_n_iters, self.max_new_tokens = every_n_iters, max_new_tokens
 
-    def _answer(self, runner, tag: str) -> None:
+    def _answer(self, runner, tag: str, trained_iters: int) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         records, rng = [], capture_rng_state()  # sampling must not shift training's dropout masks
         for prompt in self.inputs:
@@ -34,19 +34,19 @@ class EvaluateChatHook(Hook):
                                   max_new_tokens=self.max_new_tokens)
             reply = session.ask(prompt)
             runner.logger.info(f"eval-chat ({tag})\n>>> {prompt}\n{reply}\n")
-            records.append({"iter": runner.iter, "tag": tag, "prompt": prompt, "reply": reply})
+            records.append({"iter": trained_iters, "tag": tag, "prompt": prompt, "reply": reply})
         restore_rng_state(rng)
         with open(Path(runner.work_dir) / "eval_chat.jsonl", "a", encoding="utf-8") as out:
             for record in records:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def before_train(self, runner) -> None:
-        self._answer(runner, "before training" if runner.iter == 0 else f"resumed at iter {runner.iter}")
+        self._answer(runner, "before training" if runner.iter == 0 else f"resumed at iter {runner.iter}", runner.iter)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.every_n_iters and self.every_n_train_iters(runner, self.every_n_iters) \
                 and runner.iter + 1 < runner.max_iters:
-            self._answer(runner, f"iter {runner.iter + 1}")
+            self._answer(runner, f"iter {runner.iter + 1}", runner.iter + 1)
 
     def after_train(self, runner) -> None:
-        self._answer(runner, "after training")
+        self._answer(runner, "after training", runner.iter)

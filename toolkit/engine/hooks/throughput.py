@@ -73,7 +73,7 @@ class ThroughputHook(Hook):
     logs the run's mean over the iterations after the first (which pays for warm-up).
     """
 
-    priority = "LOW"  # after IterTimerHook (NORMAL) has measured the iteration
+    priority = "NORMAL"  # after IterTimerHook (NORMAL, registered first) has timed the iteration, before LoggerHook
 
     def __init__(self, peak_tflops: float | None = None):
         self.peak = peak_tflops

@@ -1,0 +1,79 @@
+"""Precision, gradient checkpointing, accumulation and clipping settings reach training and do what they say."""
+import pytest
+import torch
+from mmengine.config import Config
+
+from toolkit.checkpoint import load_model_state
+from toolkit.cli.main import main
+from toolkit.config import load_config
+from toolkit.engine.runner import adapt_to_device, drop_disabled_validation
+
+from conftest import FAST
+
+
+def wrapper_cfg(dtype):
+    return Config(dict(optim_wrapper=dict(type="AmpOptimWrapper", dtype=dtype, loss_scale="dynamic",
+                                          optimizer=dict(type="AdamW", lr=1e-3))))
+
+
+@pytest.mark.parametrize("cuda, dtype, expected", [(False, "bfloat16", "OptimWrapper"), (True, None, "OptimWrapper"),
+                                                   (True, "bfloat16", "AmpOptimWrapper"),
+                                                   (True, "float16", "AmpOptimWrapper")])
+def test_amp_dtype_picks_the_wrapper(monkeypatch, cuda, dtype, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = wrapper_cfg(dtype)
+    adapt_to_device(cfg)
+    assert cfg.optim_wrapper["type"] == expected
+    assert cfg.optim_wrapper.get("dtype") == (dtype if expected == "AmpOptimWrapper" else None)
+
+
+def test_shipped_settings_are_wired():
+    cfg = load_config("smollm2_135m_instruct_lora_champ_e3")
+    assert cfg.model.gradient_checkpointing is cfg.gradient_checkpointing is False
+    assert cfg.optim_wrapper.dtype == cfg.amp_dtype == "bfloat16"
+    assert cfg.optim_wrapper.clip_grad.max_norm == cfg.max_norm
+    assert cfg.param_scheduler.decay == cfg.lr_scheduler_type
+    assert cfg.default_hooks.checkpoint.max_keep_ckpts == cfg.save_total_limit
+    drop_disabled_validation(cfg)  # the shipped default: val_size = 0, no separate set
+    assert cfg.val_dataloader is None and cfg.val_cfg is None and cfg.val_evaluator is None
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(tiny_llama_dir):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.model.sft import SupervisedFinetune
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    results = []
+    for checkpointing in (False, True):
+        llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        torch.manual_seed(0)
+        model = SupervisedFinetune(llm, LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                                   gradient_checkpointing=checkpointing).train()
+        assert model.llm.get_base_model().is_gradient_checkpointing is checkpointing
+        loss = model(ids, labels)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=1e-6)
+    assert len(grads_on) == len(grads_off) == 8
+    for on, off in zip(grads_on, grads_off):
+        torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_steps_the_optimizer_every_n_iterations(tiny_config, tmp_path):
+    """LoRA B starts at zero: it moves at the first optimizer step, which with accumulation 2 is iteration 2."""
+    cfg = tiny_config(accumulative_counts=2, save_steps=1, save_total_limit=5)
+    work_dir = tmp_path / "work"
+    assert main(["train", str(cfg), "--work-dir", str(work_dir), "--cfg-options", "train_cfg.max_iters=4",
+                 *FAST]) == 0
+
+    def lora_b(iteration):
+        state = load_model_state(work_dir / f"iter_{iteration}.pth")
+        return torch.cat([v.flatten() for k, v in state.items() if "lora_B" in k])
+    assert lora_b(1).abs().max() == 0
+    assert lora_b(2).abs().max() > 0
+    torch.testing.assert_close(lora_b(3), lora_b(2), rtol=0, atol=0)  # iteration 3 only accumulates
+    assert not torch.equal(lora_b(4), lora_b(3))
