@@ -32,8 +32,9 @@ install_requires = [
 extras = {
     "deepspeed": ["deepspeed>=0.16"],
     "bnb": ["bitsandbytes>=0.45"],
-    "web": ["gradio>=5", "fastapi", "uvicorn"],
-    "dev": ["pytest>=8", "pytest-xdist", "hypothesis"],
+    "web": ["gradio>=6,<7", "fastapi", "uvicorn"],
+    # openai + selenium: the serve/web tests (selenium drives Debian's chromium + chromium-driver)
+    "dev": ["pytest>=8", "pytest-xdist", "hypothesis", "openai>=1", "selenium>=4.11"],
 }
 
 setup(

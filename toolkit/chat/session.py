@@ -1,48 +1,51 @@
-"""A multi-turn chat with a causal LM using the same template and masking rules as training."""
+"""A multi-turn chat with a causal LM using the same template and masking rules as training.
+
+One session type serves the terminal (``ask`` with a callback), the web page and the API (``stream`` /
+``stream_messages``, iterators of text pieces) and the evaluate-chat hook (``ask`` without streaming).
+"""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import threading
+from typing import Callable, Iterator
 
 import torch
-from transformers import TextStreamer
+from transformers import StoppingCriteriaList
 
 from ..data.encode import prompt_for_generation
 from ..data.templates import get_template
-
-
-class _CallbackStreamer(TextStreamer):
-    """Hands each finished piece of decoded text to a callback instead of printing it."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._on_text = on_text
-
-    def on_finalized_text(self, text: str, stream_end: bool = False):
-        if text:
-            self._on_text(text)
+from .stream import CallbackStreamer, StopEvent, StopWordFilter, iterate_in_thread
 
 
 class ChatSession:
-    """History + template + generation settings. ``ask`` returns the reply and streams it if asked."""
+    """History + template + generation settings. ``ask`` returns the reply and streams it if asked.
+
+    ``stop_words`` adds to the template's own; ``seed`` reseeds torch before every reply; ``lock`` (shared
+    by the sessions of one model in a server) lets one reply be generated at a time.
+    After each reply, ``usage`` holds ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``.
+    """
 
     def __init__(self, model, tokenizer, template="chatml", system: str | None = None,
                  max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 repetition_penalty: float = 1.0):
+                 repetition_penalty: float = 1.0, stop_words=(), seed: int | None = None, lock=None):
         self.model, self.tokenizer = model, tokenizer
         self.template = get_template(template)
         self.system = system
+        self.extra_stop_words = [w for w in (stop_words or ()) if w]
+        self.seed, self.lock = seed, lock
         self.generation = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
         if temperature and temperature > 0:
             self.generation.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
         else:
             self.generation.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         self.history: list = []
+        self.usage: dict = {}
 
     def reset(self) -> None:
         self.history = []
 
     def stop_words(self) -> list:
-        return list(self.template.get("STOP_WORDS", []))
+        return list(self.template.get("STOP_WORDS", [])) + self.extra_stop_words
 
     def _stop_token_ids(self) -> list:
         ids = {self.tokenizer.eos_token_id} - {None}
@@ -52,28 +55,71 @@ class ChatSession:
                 ids.add(piece[0])
         return sorted(ids)
 
+    def prompt_ids(self, messages: list) -> list:
+        """The token ids the model is given for a conversation that ends with the user's turn."""
+        return prompt_for_generation(messages, self.tokenizer, self.template, system=self.system)
+
     @torch.no_grad()
-    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
-        messages = self.history + [{"role": "user", "content": text}]
-        prompt = prompt_for_generation(messages, self.tokenizer, self.template, system=self.system)
+    def reply_to(self, messages: list, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> str:
+        """The reply to ``messages`` (history is neither read nor changed). ``on_text`` gets it in pieces."""
+        prompt = self.prompt_ids(messages)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([prompt], device=device)
-        was_training = self.model.training
-        self.model.eval()
-        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
+        cancel = cancel or threading.Event()
+        words = StopWordFilter(self.stop_words())
+
+        def forward(text: str) -> None:
+            piece = words.push(text)
+            if piece:
+                on_text(piece)
+            if words.stopped:
+                cancel.set()
+
+        streamer = CallbackStreamer(self.tokenizer, forward) if on_text else None
         stop_strings = [w for w in self.stop_words() if len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) > 1]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        try:
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                eos_token_id=self._stop_token_ids(), pad_token_id=pad, use_cache=True,
-                stop_strings=stop_strings or None, tokenizer=self.tokenizer if stop_strings else None,
-                **self.generation)
-        finally:
-            self.model.train(was_training)
-        reply = self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+        with self.lock or contextlib.nullcontext():
+            was_training = self.model.training
+            self.model.eval()
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            try:
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                    eos_token_id=self._stop_token_ids(), pad_token_id=pad, use_cache=True,
+                    stop_strings=stop_strings or None, tokenizer=self.tokenizer if stop_strings else None,
+                    stopping_criteria=StoppingCriteriaList([StopEvent(cancel)]), **self.generation)
+            finally:
+                self.model.train(was_training)
+        if on_text and (tail := words.flush().rstrip()):
+            on_text(tail)
+        new_ids = output[0, input_ids.shape[1]:].tolist()
+        reply = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         for word in self.stop_words():
             reply = reply.split(word)[0]
-        reply = reply.strip()
+        hit_limit = bool(new_ids) and len(new_ids) >= self.generation["max_new_tokens"] and new_ids[-1] not in self._stop_token_ids()
+        self.usage = dict(prompt_tokens=len(prompt), completion_tokens=len(new_ids),
+                          finish_reason="length" if hit_limit and not words.stopped else "stop")
+        return reply.strip()
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        messages = self.history + [{"role": "user", "content": text}]
+        reply = self.reply_to(messages, on_text)
         self.history = messages + [{"role": "assistant", "content": reply}]
         return reply
+
+    def stream_messages(self, messages: list) -> Iterator[str]:
+        """Pieces of the reply to ``messages`` as they are generated (a thread runs ``generate``)."""
+        return iterate_in_thread(lambda on_text, cancel: self.reply_to(messages, on_text, cancel))
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Like ``ask``, as an iterator of pieces; the history gets the turn once the reply is complete."""
+        messages = self.history + [{"role": "user", "content": text}]
+        replies: list = []
+
+        def work(on_text, cancel):
+            replies.append(self.reply_to(messages, on_text, cancel))
+
+        yield from iterate_in_thread(work)
+        self.history = messages + [{"role": "assistant", "content": replies[0]}]

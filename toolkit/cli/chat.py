@@ -1,71 +1,105 @@
-"""tk chat MODEL [--adapter DIR]: streaming multi-turn chat in the terminal."""
+"""tk chat MODEL [--adapter DIR]: streaming multi-turn chat in the terminal.
+
+Enter sends a message. A line ending in a backslash continues on the next line, and a line of three
+double quotes (\"\"\") opens and closes a block of several lines. EXIT quits, RESET clears the history.
+"""
 import sys
 
-from ..assets import EMBEDDED_MODELS
-from ..model.meta import read_meta
+from ..chat.loading import chat_defaults  # noqa: F401  (kept importable from here)
+
+BLOCK = '"""'
+HELP = ('tk chat: Enter sends; end a line with \\ to go on, or wrap lines in """; '
+        'EXIT quits, RESET clears the history.')
 
 
-def chat_defaults(model: str, adapter: str | None) -> dict:
-    """Template and system saved with the adapter, else with the model, else the embedded model's own."""
-    for folder in (adapter, model):
-        meta = read_meta(folder) if folder else {}
-        if meta.get("template"):
-            return meta
-    if model in EMBEDDED_MODELS:
-        return {"template": EMBEDDED_MODELS[model].template, "system": EMBEDDED_MODELS[model].system}
-    return {}
+def read_message(readline, interactive: bool):
+    """The next message from ``readline`` (multi-line aware), or None at end of input."""
+    prompt, cont = ("\n>>> ", "... ") if interactive else ("", "")
+    print(prompt, end="", flush=True)
+    line = readline()
+    if not line:
+        return None
+    line = line.rstrip("\n")
+    if line.strip() == BLOCK:
+        lines = []
+        while True:
+            print(cont, end="", flush=True)
+            more = readline()
+            if not more or more.rstrip("\n").strip() == BLOCK:
+                return "\n".join(lines)
+            lines.append(more.rstrip("\n"))
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        print(cont, end="", flush=True)
+        line = readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+    else:
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def run(args) -> int:
+    from ..chat.loading import load_chat_model
     from ..chat.session import ChatSession
-    from ..errors import UserError
-    from ..model.loader import load_causal_lm, load_tokenizer
-    from ..model.merge import load_adapted, pick_device
 
-    defaults = chat_defaults(args.model, args.adapter)
-    template = args.prompt_template or defaults.get("template")
-    if template is None:
-        raise UserError("no prompt template is saved with this model; pass --prompt-template NAME")
-    system = args.system if args.system is not None else defaults.get("system")
-    device = pick_device("auto")
-    if args.adapter:
-        model = load_adapted(args.model, args.adapter, device=device)
-    else:
-        model = load_causal_lm(args.model).to(device)
-    tokenizer = load_tokenizer(args.adapter if args.adapter and read_meta(args.adapter) else args.model)
-    session = ChatSession(model, tokenizer, template, system, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    loaded = load_chat_model(args.model, args.adapter, template=args.prompt_template, system=args.system,
+                             system_template=args.system_template, bits=args.bits)
+    if args.seed is not None:
+        from transformers import set_seed
+        set_seed(args.seed)
+    session = ChatSession(loaded.model, loaded.tokenizer, loaded.template, loaded.system,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                          stop_words=args.stop_word)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("tk chat: type a message; EXIT to quit, RESET to clear the history.")
-    while True:
-        if interactive:
-            print("\n>>> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        print(HELP)
+    while (text := read_message(sys.stdin.readline, interactive)) is not None:
+        command = text.strip()
+        if command == "EXIT":
             break
-        text = line.strip()
-        if text == "EXIT":
-            break
-        if text == "RESET":
+        if command == "RESET":
             session.reset()
             print("(history cleared)")
             continue
-        if not text:
+        if not command:
             continue
-        session.ask(text, on_text=lambda piece: print(piece, end="", flush=True))
-        print(flush=True)
+        if args.no_streamer:
+            print(session.ask(text), flush=True)
+        else:
+            session.ask(text, on_text=lambda piece: print(piece, end="", flush=True))
+            print(flush=True)
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("chat", help="chat with a model in the terminal")
+def add_model_arguments(parser) -> None:
+    """Arguments shared by tk chat, tk web and tk serve."""
     parser.add_argument("model", help="HF folder, hub id or embedded alias (e.g. smollm2-135m-instruct)")
     parser.add_argument("--adapter", help="adapter folder written by tk convert pth_to_hf")
-    parser.add_argument("--prompt-template", help="template name (default: the one saved with the model)")
-    parser.add_argument("--system", help="system prompt (default: the one saved with the model)")
+    parser.add_argument("--prompt-template", help="template name (default: the one saved with the adapter/model)")
+    system = parser.add_mutually_exclusive_group()
+    system.add_argument("--system", help="system prompt (default: the one saved with the model)")
+    system.add_argument("--system-template", help="a named system prompt (alpaca, coder, math, sql, ...)")
+    parser.add_argument("--bits", type=int, choices=(4, 8), help="load the weights in 4 or 8 bits (CUDA GPU)")
+
+
+def add_sampling_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="chat with a model in the terminal")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--stop-word", action="append", default=[],
+                        help="another string that ends a reply (repeatable; the template's own always apply)")
+    parser.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    parser.add_argument("--no-streamer", action="store_true", help="print each reply whole, not as it is made")
     parser.set_defaults(func=run)
