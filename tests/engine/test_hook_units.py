@@ -13,13 +13,21 @@ from mmengine.logging import MessageHub
 from toolkit.checkpoint import allow_mmengine_checkpoints
 from toolkit.engine.hooks import LossPlotHook, ProgressBarHook
 from toolkit.engine.hooks.random_state import capture_rng_state, restore_rng_state
-from toolkit.engine.hooks.throughput import matmul_params, peak_tflops, train_flops
+from toolkit.engine.hooks.throughput import matmul_params, peak_tflops, sequence_lengths, train_flops
 
 
 def test_flops_formula_full_and_adapter():
     attention = 12 * 2 * 64 * (3 * 3 + 5 * 5)
     assert train_flops([3, 5], 1000, 1000, layers=2, hidden=64) == 6 * 1000 * 8 + attention
     assert train_flops([3, 5], 1000, 10, layers=2, hidden=64) == (4 * 1000 + 6 * 10) * 8 + attention
+
+
+def test_sequence_lengths_padded_and_packed():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert sequence_lengths({"input_ids": torch.zeros(2, 5), "attention_mask": mask}) == [3, 5]
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert sequence_lengths({"input_ids": torch.zeros(1, 9), "position_ids": packed}) == [3, 2, 4]
+    assert sequence_lengths({"input_ids": torch.zeros(2, 7)}) == [7, 7]
 
 
 def test_matmul_params_leave_out_the_input_embedding(tiny_llama_dir):
@@ -32,6 +40,23 @@ def test_matmul_params_leave_out_the_input_embedding(tiny_llama_dir):
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
     # q_proj is 64x64 in each of 2 layers: A (4x64) + B (64x4) per layer
     assert matmul_params(lora) == (everything - embedding + 2 * 512, 2 * 512)
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_flops_formula_agrees_with_torch_flop_counter(tiny_llama_dir, adapter):
+    """The documented formula vs the matmuls torch actually runs for one forward + backward."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if adapter:
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    n_params, n_trainable = matmul_params(model)
+    estimate = train_flops([64, 64], n_params, n_trainable, layers=2, hidden=64)
+    assert counter.get_total_flops() == pytest.approx(estimate, rel=0.02)
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),

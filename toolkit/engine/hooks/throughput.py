@@ -57,6 +57,20 @@ def train_flops(lengths: list, n_params: int, n_trainable: int, layers: int, hid
     return float(sum(per_token * n + 12 * layers * hidden * n * n for n in lengths))
 
 
+def sequence_lengths(data_batch: dict) -> list:
+    """Real tokens per sequence: a packed row (``position_ids`` restarting at 0) counts each document
+    apart (attention stays inside it); a padded batch counts ``attention_mask`` per row."""
+    if data_batch.get("position_ids") is not None and data_batch.get("attention_mask") is None:
+        lengths = []
+        for row in data_batch["position_ids"]:
+            starts = (row == 0).nonzero().flatten().tolist() + [len(row)]
+            lengths += [end - start for start, end in zip(starts, starts[1:]) if end > start]
+        return lengths
+    if data_batch.get("attention_mask") is not None:
+        return data_batch["attention_mask"].sum(dim=1).tolist()
+    return [data_batch["input_ids"].shape[1]] * data_batch["input_ids"].shape[0]
+
+
 def peak_memory_gib() -> tuple[str, float]:
     """('peak_mem_gib', allocated on the GPU) or ('peak_rss_gib', the process's resident peak on a CPU)."""
     if torch.cuda.is_available():
@@ -94,9 +108,9 @@ class ThroughputHook(Hook):
                            f"{f'{self.peak:g} TFLOPs per device' if self.peak else 'unknown (no MFU)'}")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        if not data_batch or "attention_mask" not in data_batch:
+        if not isinstance(data_batch, dict) or "input_ids" not in data_batch:
             return
-        lengths = data_batch["attention_mask"].sum(dim=1).tolist()
+        lengths = sequence_lengths(data_batch)
         seconds = runner.message_hub.get_scalar("train/time").current()
         flops = train_flops(lengths, self.n_params, self.n_trainable, self.layers, self.hidden)
         hub = runner.message_hub
