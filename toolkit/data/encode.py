@@ -4,10 +4,25 @@ Only what the assistant says is trained: its reply, the template's SUFFIX and, w
 the end-of-sequence marker, the EOS token. System prompt, user turns, SEP and the assistant's header
 (the end of INSTRUCTION) get the label ``IGNORE_INDEX``. An assistant message with ``"loss": False``
 is kept as context but not trained.
+
+``conversation_pieces`` turns a conversation into ``(text, trained)`` pieces (pure, no tokenizer); every
+piece is tokenized on its own. ``encode_conversation`` does that for one conversation,
+``encode_conversations`` for many at once: the pieces of a whole batch go to the Rust tokenizer in one
+call (it runs them in parallel), and pieces past ``max_length`` are never tokenized. Both assemble the
+same pieces the same way, so their ids and labels are identical (tests/data check it on real data).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats.common import FormatError
+from .templates import is_auto
+
 IGNORE_INDEX = -100
+EOS = None  # the piece that stands for the tokenizer's EOS token
+_CHARS_PER_TOKEN = 4  # a guess that only decides how many pieces a round tokenizes, never the result
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -19,53 +34,202 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
+def conversation_pieces(messages: list, template: dict, system: str | None = None) -> list:
+    """``[(text or EOS, trained), ...]`` for one conversation rendered with a named template.
+
+    ``system`` is used when the conversation has no system message of its own.
+    """
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    system_format = template.get("SYSTEM", "")
+    pending = system_format.format(system=system) if system else ""
+    in_input = template.get("SYSTEM_IN_INPUT", False)
+    instruction, suffix, sep = template["INSTRUCTION"], template.get("SUFFIX", ""), template.get("SEP", "")
+    pieces = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":  # a later system message: put it before the next user turn
+            pending += system_format.format(system=content)
+        elif role == "user":
+            text = instruction.format(input=pending + content) if in_input \
+                else pending + instruction.format(input=content)
+            pieces.append((text, False))
+            pending = ""
+        else:  # assistant
+            if pending:
+                pieces.append((pending, False))
+                pending = ""
+            trained = message.get("loss") is not False
+            pieces.append((content + suffix, trained))
+            if not template.get("SUFFIX_AS_EOS", False):
+                pieces.append((EOS, trained))
+            pieces.append((sep, False))
+    return [(text, trained) for text, trained in pieces if text != ""]
+
+
 def encode_conversation(messages: list, tokenizer, template: dict, max_length: int,
                         system: str | None = None) -> dict:
     """Encode one unified conversation.
 
-    ``system`` is used when the conversation has no system message of its own. Returns
-    ``{"input_ids": [...], "labels": [...], "num_trained": n}``, truncated to ``max_length``;
+    Returns ``{"input_ids": [...], "labels": [...], "num_trained": n}``, truncated to ``max_length``;
     ``num_trained`` is 0 when truncation (or ``loss: False`` everywhere) left nothing to learn.
     """
-    ids: list[int] = []
-    labels: list[int] = []
+    encoded = encode_conversations([messages], tokenizer, template, max_length, system=system, progress=False)
+    return encoded.sample(0)
 
-    def add(text: str, trained: bool) -> None:
-        if not text:
-            return
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
-        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
 
-    if tokenizer_adds_bos(tokenizer):
-        ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
+@dataclass
+class Encoded:
+    """Many encoded samples in flat arrays: sample ``i`` is ``ids[offsets[i]:offsets[i+1]]``."""
 
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-    pending = template.get("SYSTEM", "").format(system=system) if system else ""
-    suffix = template.get("SUFFIX", "")
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if role == "system":  # a later system message: put it before the next user turn
-            pending += template.get("SYSTEM", "").format(system=content)
-        elif role == "user":
-            add(pending + template["INSTRUCTION"].format(input=content), trained=False)
-            pending = ""
-        else:  # assistant
-            if pending:
-                add(pending, trained=False)
-                pending = ""
-            trained = message.get("loss") is not False
-            add(content + suffix, trained=trained)
-            if not template.get("SUFFIX_AS_EOS", False) and tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
-                labels.append(tokenizer.eos_token_id if trained else IGNORE_INDEX)
-            add(template.get("SEP", ""), trained=False)
+    ids: np.ndarray          # int32
+    labels: np.ndarray       # int32, IGNORE_INDEX where not trained
+    offsets: np.ndarray      # int64, len n + 1
+    num_trained: np.ndarray  # int64, trained tokens per sample (within the kept length)
 
-    ids, labels = ids[:max_length], labels[:max_length]
-    num_trained = sum(label != IGNORE_INDEX for label in labels)
-    return {"input_ids": ids, "labels": labels, "num_trained": num_trained}
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> dict:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return {"input_ids": self.ids[start:end].tolist(), "labels": self.labels[start:end].tolist(),
+                "num_trained": int(self.num_trained[i])}
+
+
+def encode_conversations(conversations: list, tokenizer, template: dict, max_length: int,
+                         system: str | None = None, progress: bool = True) -> Encoded:
+    """Encode many conversations, each truncated to ``max_length`` tokens (exactly as one at a time).
+
+    Pieces are tokenized in rounds: each round takes, per unfinished conversation, the next pieces up to
+    a character budget for the tokens it still has room for, and tokenizes them all in one call.
+    """
+    if is_auto(template):
+        return _encode_with_chat_template(conversations, tokenizer, max_length, system, progress)
+    plans = [conversation_pieces(messages, template, system) for messages in conversations]
+    bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    tokens = [[None] * len(plan) for plan in plans]
+    count = [len(bos)] * len(plans)
+    done = [0] * len(plans)  # pieces tokenized so far, per conversation
+    active = [c for c in range(len(plans)) if plans[c] and count[c] < max_length]
+    while active:
+        ends, texts = {}, {}
+        for c in active:
+            plan, i, budget = plans[c], done[c], (max_length - count[c]) * _CHARS_PER_TOKEN
+            while i < len(plan) and budget > 0:
+                text = plan[i][0]
+                budget -= _CHARS_PER_TOKEN if text is EOS else len(text)
+                if text is not EOS:
+                    texts.setdefault(text, len(texts))
+                i += 1
+            ends[c] = i
+        ids_of = tokenize_texts(tokenizer, list(texts), progress=progress and len(texts) > 1000)
+        still = []
+        for c in active:
+            for i in range(done[c], ends[c]):
+                text = plans[c][i][0]
+                tokens[c][i] = eos if text is EOS else ids_of[texts[text]]
+                count[c] += len(tokens[c][i])
+            done[c] = ends[c]
+            if done[c] < len(plans[c]) and count[c] < max_length:
+                still.append(c)
+        active = still
+    flat_ids, flat_labels, offsets = [], [], [0]
+    for c, plan in enumerate(plans):
+        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+        for i in range(done[c]):
+            piece = tokens[c][i]
+            ids += piece
+            labels += piece if plan[i][1] else [IGNORE_INDEX] * len(piece)
+        flat_ids += ids[:max_length]
+        flat_labels += labels[:max_length]
+        offsets.append(len(flat_ids))
+    return _pack_arrays(flat_ids, flat_labels, offsets)
+
+
+def _pack_arrays(flat_ids: list, flat_labels: list, offsets: list) -> Encoded:
+    ids = np.array(flat_ids, dtype=np.int32)
+    labels = np.array(flat_labels, dtype=np.int32)
+    offsets = np.array(offsets, dtype=np.int64)
+    trained = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX, dtype=np.int64)])
+    return Encoded(ids, labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
+
+
+def tokenize_texts(tokenizer, texts: list, progress: bool = False, chunk: int = 4096) -> list:
+    """Token ids of each text (no special tokens added), the same as ``tokenizer(text)`` one by one.
+
+    A fast tokenizer's Rust backend gets whole chunks at once (``encode_batch_fast``: no offsets).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    usable = (backend is not None and backend.truncation is None and backend.padding is None
+              and getattr(backend, "encode_special_tokens", False) == bool(getattr(tokenizer, "split_special_tokens", False)))
+    if usable:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        run = lambda part: [e.ids for e in encode(part, add_special_tokens=False)]  # noqa: E731
+    else:
+        run = lambda part: tokenizer(part, add_special_tokens=False)["input_ids"]  # noqa: E731
+    starts = range(0, len(texts), chunk)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="tokenize", unit="chunk", mininterval=1.0)
+    out = []
+    for start in starts:
+        out += run(texts[start:start + chunk])
+    return out
+
+
+def _chat_spans(messages: list, tokenizer) -> tuple[str, list]:
+    """The conversation rendered by the tokenizer's chat template, and the character spans to train.
+
+    A reply's span runs from the end of the generation prompt before it to the end of its own render,
+    less trailing whitespace (so ``Hello!<|im_end|>`` is trained and the newline after it is not).
+    """
+    def render(part, prompt=False):
+        try:
+            return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=prompt)
+        except Exception as exc:  # a Jinja template may raise anything (e.g. "roles must alternate")
+            raise FormatError(f"the tokenizer's chat template cannot render it: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    full, spans = render(clean), []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head, upto = render(clean[:k], prompt=True) if k else "", render(clean[:k + 1])
+        if not (full.startswith(upto) and upto.startswith(head)):
+            raise FormatError("the tokenizer's chat template does not render this conversation turn by turn "
+                              "(an earlier part changes when a message is added); use a named template")
+        if message.get("loss") is not False:
+            spans.append((len(head), len(head) + len(upto[len(head):].rstrip())))
+    return full, spans
+
+
+def _encode_with_chat_template(conversations, tokenizer, max_length, system, progress) -> Encoded:
+    """``template='auto'``: ids are exactly ``apply_chat_template``'s; labels on the assistant spans."""
+    if not getattr(tokenizer, "chat_template", None):
+        from ..errors import UserError
+        raise UserError("template='auto' needs a tokenizer with a chat template (tokenizer.chat_template "
+                        "is empty); choose a named template")
+    texts, all_spans = [], []
+    for messages in conversations:
+        if system and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": system}] + list(messages)
+        text, spans = _chat_spans(messages, tokenizer)
+        texts.append(text)
+        all_spans.append(spans)
+    flat_ids, flat_labels, offsets = [], [], [0]
+    for start in range(0, len(texts), 1024):
+        batch = tokenizer(texts[start:start + 1024], add_special_tokens=False, return_offsets_mapping=True)
+        for ids, token_offsets, spans in zip(batch["input_ids"], batch["offset_mapping"],
+                                             all_spans[start:start + 1024]):
+            ids = ids[:max_length]
+            flat_ids += ids
+            flat_labels += [tid if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+                            for tid, (s, _) in zip(ids, token_offsets)]
+            offsets.append(len(flat_ids))
+    return _pack_arrays(flat_ids, flat_labels, offsets)
 
 
 def prompt_for_generation(messages: list, tokenizer, template: dict, system: str | None = None) -> list:
@@ -73,4 +237,10 @@ def prompt_for_generation(messages: list, tokenizer, template: dict, system: str
     training before a reply (the INSTRUCTION ends where the assistant starts)."""
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("a generation prompt must end with a user message")
+    if is_auto(template):
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + list(messages)
+        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+        out = tokenizer.apply_chat_template(clean, tokenize=True, add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
     return encode_conversation(messages, tokenizer, template, max_length=10**9, system=system)["input_ids"]

@@ -7,14 +7,30 @@ class FormatError(ValueError):
     """A record that does not fit its format; the dataset builder adds the record index."""
 
 
-def require_str(record: dict, key: str, *, allow_empty: bool = False) -> str:
+def _field(record: dict, key: str):
+    if not isinstance(record, dict):
+        raise FormatError(f"expected an object with field '{key}', got {type(record).__name__}")
     if key not in record or record[key] is None:
         raise FormatError(f"missing field '{key}'")
-    value = record[key]
+    return record[key]
+
+
+def require_str(record: dict, key: str, *, allow_empty: bool = False) -> str:
+    value = _field(record, key)
     if not isinstance(value, str):
         raise FormatError(f"field '{key}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise FormatError(f"field '{key}' is empty")
+    return value
+
+
+def require_list(record: dict, key: str) -> list:
+    """A non-empty list field (an empty one is 'the conversation is empty')."""
+    value = _field(record, key)
+    if not isinstance(value, list):
+        raise FormatError(f"field '{key}' must be a list, got {type(value).__name__}")
+    if not value:
+        raise FormatError(f"the conversation is empty (field '{key}' is [])")
     return value
 
 

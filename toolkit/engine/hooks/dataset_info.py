@@ -4,19 +4,9 @@ from __future__ import annotations
 from mmengine.hooks import Hook
 
 from ...data.encode import IGNORE_INDEX
+from ...data.render import render_masked  # noqa: F401  (also imported from here)
 from ...model.loader import build_tokenizer
 from ...registry import HOOKS
-
-
-def render_masked(input_ids, labels, tokenizer, mark: str = "[no loss]") -> str:
-    """The sample as text, each untrained stretch wrapped as ``[no loss]...[/no loss]``."""
-    pieces, start = [], 0
-    for i in range(1, len(input_ids) + 1):
-        if i == len(input_ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-            text = tokenizer.decode(input_ids[start:i])
-            pieces.append(f"{mark}{text}[/{mark[1:]}" if labels[start] == IGNORE_INDEX else text)
-            start = i
-    return "".join(pieces)
 
 
 @HOOKS.register_module()

@@ -1,0 +1,103 @@
+"""Packing keeps documents apart: position ids restart, attention stays inside each document, and the
+logits and the loss of a packed row equal those of its documents run alone (tiny llama, CPU)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.data.collate import sft_collate_fn
+from toolkit.data.dataset import apply_map_fn, build_sft_dataset, resolve_map_fn
+from toolkit.data.encode import IGNORE_INDEX, encode_conversations
+from toolkit.data.pack import best_fit_bins, pack_encoded
+from toolkit.data.sources import load_records
+from toolkit.data.templates import get_template
+from toolkit.model.loss import causal_lm_loss
+
+
+def test_best_fit_rows_hold_every_document_once_and_fill_well():
+    lengths = np.random.default_rng(1).integers(5, 90, size=500)
+    rows = best_fit_bins(lengths, 100, seed=3)
+    assert sorted(d for row in rows for d in row) == list(range(500))
+    assert max(sum(lengths[d] for d in row) for row in rows) <= 100
+    assert lengths.sum() / (len(rows) * 100) > 0.9
+    assert rows == best_fit_bins(lengths, 100, seed=3) and rows != best_fit_bins(lengths, 100, seed=4)
+    assert rows[0][0] != 0 or rows[1][0] != 1  # shuffled before packing
+    firsts = [row[0] for row in best_fit_bins(lengths, 100, shuffle=False)]
+    assert firsts == sorted(firsts) and [row[0] for row in rows] != sorted(row[0] for row in rows)
+
+
+def champ_encoded(tokenizer, n, max_length=4096):
+    conversations = apply_map_fn(load_records("champ"), resolve_map_fn("champ"), "champ")[:n]
+    return encode_conversations(conversations, tokenizer, get_template("chatml"), max_length, progress=False)
+
+
+def test_packed_items_and_collate(tokenizer):
+    encoded = champ_encoded(tokenizer, 3)
+    packed, doc_lengths = pack_encoded(encoded, [[2, 0], [1]])
+    assert doc_lengths == [[int(encoded.lengths[2]), int(encoded.lengths[0])], [int(encoded.lengths[1])]]
+    row = packed.sample(0)
+    assert row["input_ids"] == encoded.sample(2)["input_ids"] + encoded.sample(0)["input_ids"]
+    second = int(encoded.lengths[2])
+    assert row["labels"][second] == IGNORE_INDEX  # the first token of a document is never a target
+    assert row["labels"][:second] == encoded.sample(2)["labels"]
+    items = [{"input_ids": packed.sample(r)["input_ids"], "labels": packed.sample(r)["labels"], "pad_token_id": 2,
+              "position_ids": [p for n in doc_lengths[r] for p in range(n)]} for r in range(2)]
+    batch = sft_collate_fn(items)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask: attention follows positions
+    total = int(encoded.lengths[:3].sum())
+    assert batch["input_ids"].shape == (1, total)
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts == [0, second, int(doc_lengths[0][0] + doc_lengths[0][1])]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_each_document_alone(tiny_llama_dir, tokenizer, attn):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn,
+                                                 dtype=torch.float32).eval()
+    encoded = champ_encoded(tokenizer, 4, max_length=300)
+    packed, doc_lengths = pack_encoded(encoded, [[3, 1, 0, 2]])
+    item = {"input_ids": packed.sample(0)["input_ids"], "labels": packed.sample(0)["labels"], "pad_token_id": 2,
+            "position_ids": [p for n in doc_lengths[0] for p in range(n)]}
+    batch = sft_collate_fn([item])
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        plain_causal = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        start = 0
+        for doc in (3, 1, 0, 2):
+            alone = model(input_ids=torch.tensor([encoded.sample(doc)["input_ids"]])).logits[0]
+            torch.testing.assert_close(together[start:start + len(alone)], alone, atol=2e-5, rtol=0)
+            start += len(alone)
+    later = int(encoded.lengths[3])
+    assert (plain_causal[later:] - together[later:]).abs().max() > 1e-3  # without the positions they would leak
+
+
+def test_packed_dataset_trains_on_the_same_loss(tiny_llama_dir, tokenizer, tmp_path):
+    """Token-weighted loss over the whole CHAMP set: packed rows (collated two at a time) == samples alone.
+
+    (transformers derives the packed mask from position ids only without a KV cache: training passes
+    ``use_cache=False``, as ``causal_lm_loss`` does.)"""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    source = tmp_path / "champ60.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in load_records("champ")[:60]))
+    common = dict(tokenizer=tokenizer, source=str(source), map_fn="champ", template="chatml", max_length=1024)
+    packed = build_sft_dataset(**common, pack_to_max_length=True)
+    plain = build_sft_dataset(**common)
+    assert len(packed) < len(plain) / 1.5 and sum(packed.lengths) == sum(plain.lengths)
+
+    def total_loss(dataset, batch_size):
+        loss_sum, tokens = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                batch = sft_collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                loss_sum += float(causal_lm_loss(model, **batch)) * n
+                tokens += n
+        return loss_sum, tokens
+
+    packed_loss, packed_tokens = total_loss(packed, 2)
+    plain_loss, plain_tokens = total_loss(plain, 4)
+    assert packed_tokens == plain_tokens
+    assert packed_loss == pytest.approx(plain_loss, rel=1e-5)

@@ -1,0 +1,55 @@
+"""Packing: many encoded samples into rows of at most ``max_length`` tokens, documents kept apart.
+
+Documents are shuffled (``seed``), then placed best-fit: each goes into the open row with the least room
+that still holds it, else starts a new row. A document is never split. In a row, every document's
+position ids restart at 0 and its first label is ``IGNORE_INDEX`` (the previous document's last token
+must not learn to predict it), so the loss over a packed row equals the sum over its documents alone.
+The attention side (a block-diagonal causal mask from the position ids) is in collate.py and docs/data.md.
+"""
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from .encode import IGNORE_INDEX, Encoded
+
+
+def best_fit_bins(lengths, max_length: int, seed: int = 0, shuffle: bool = True) -> list:
+    """Document indices per row, in the order the rows were opened."""
+    order = np.random.default_rng(seed).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    lengths = np.asarray(lengths)
+    rows, room = [], []  # room: sorted (free tokens, row) of rows that can still take something
+    for doc in order.tolist():
+        need = int(lengths[doc])
+        k = bisect.bisect_left(room, (need, -1))
+        if k < len(room):
+            free, row = room.pop(k)
+            rows[row].append(doc)
+        else:
+            free, row = max_length, len(rows)
+            rows.append([doc])
+        if free - need > 0:
+            bisect.insort(room, (free - need, row))
+    return rows
+
+
+def take(encoded: Encoded, indices) -> Encoded:
+    """The samples at ``indices``, in that order."""
+    indices = np.asarray(indices, dtype=np.int64)
+    lengths = encoded.lengths[indices]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    gather = np.repeat(encoded.offsets[:-1][indices] - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
+    return Encoded(encoded.ids[gather], encoded.labels[gather], offsets, encoded.num_trained[indices])
+
+
+def pack_encoded(encoded: Encoded, rows: list) -> tuple[Encoded, list]:
+    """The packed samples (one per row) and each row's document lengths."""
+    docs = take(encoded, [doc for row in rows for doc in row])
+    lengths = docs.lengths
+    docs.labels[docs.offsets[:-1][lengths > 0]] = IGNORE_INDEX
+    doc_lengths = np.split(lengths, np.cumsum([len(row) for row in rows])[:-1])
+    offsets = np.concatenate([[0], np.cumsum([int(d.sum()) for d in doc_lengths])]).astype(np.int64)
+    trained = np.concatenate([[0], np.cumsum(docs.labels != IGNORE_INDEX, dtype=np.int64)])
+    packed = Encoded(docs.ids, docs.labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
+    return packed, [d.tolist() for d in doc_lengths]
