@@ -77,3 +77,10 @@ def test_accumulation_steps_the_optimizer_every_n_iterations(tiny_config, tmp_pa
     assert lora_b(2).abs().max() > 0
     torch.testing.assert_close(lora_b(3), lora_b(2), rtol=0, atol=0)  # iteration 3 only accumulates
     assert not torch.equal(lora_b(4), lora_b(3))
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tiny_config, tmp_path, capsys):
+    cfg = tiny_config()
+    assert main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path / "nope.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such checkpoint" in err and "nope.pth" in err

@@ -9,6 +9,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from ..checkpoint import allow_mmengine_checkpoints
+from ..errors import UserError
 
 
 def adapt_to_device(cfg: Config) -> None:
@@ -33,6 +34,9 @@ def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None,
     elif cfg.get("work_dir") is None:
         cfg.work_dir = str(Path("work_dirs") / Path(config_path or cfg.filename).stem)
     if resume is not None:
+        if resume != "auto" and not Path(resume).is_file():
+            raise UserError(f"--resume {resume}: no such checkpoint (give a .pth file, or 'auto' for the latest "
+                            f"in the work dir)")
         cfg.resume = True
         cfg.load_from = None if resume == "auto" else resume
     if seed is not None:
