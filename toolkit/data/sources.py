@@ -222,7 +222,9 @@ def _read_yaml(path: Path) -> Records:
 def _read_text(path: Path) -> Records:
     """Entries separated by lines that hold only ``%`` (fortune files); without such lines, paragraphs."""
     text, _ = _decode(path.read_bytes())
-    text = _ANSI.sub("", text.replace("\r\n", "\n"))
+    text, previous = text.replace("\r\n", "\n"), None
+    while text != previous:  # fortunes-zh nests them: "\x1b[;\x1b[34;1mm"
+        text, previous = _ANSI.sub("", text), text
     if re.search(r"^%$", text, flags=re.M):
         entries = re.split(r"^%\n?", text, flags=re.M)
     else:
