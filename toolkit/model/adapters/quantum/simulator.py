@@ -7,6 +7,8 @@ unitaries with the vectorised closed forms below; the tests check those against 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 CDTYPE = torch.complex64
@@ -68,9 +70,15 @@ def circuit_unitary(circuit, n: int, device=None):
 # ---- closed forms (vectorised; no per-gate autograd graph) ----------------------------------------
 
 def bits(n: int, device=None):
-    """[2^n, n] with bits[j, k] = bit k of j, wire 0 the most significant."""
-    j = torch.arange(2 ** n, device=device)
-    return ((j[:, None] >> (n - 1 - torch.arange(n, device=device))) & 1).float()
+    """[2^n, n] with bits[j, k] = bit k of j, wire 0 the most significant (cached: a constant per device)."""
+    return _bits(n, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _bits(n: int, device: torch.device):
+    with torch.inference_mode(False):  # a cached constant must stay usable outside inference mode
+        j = torch.arange(2 ** n, device=device)
+        return ((j[:, None] >> (n - 1 - torch.arange(n, device=device))) & 1).float()
 
 
 def kron_all(mats):
@@ -93,5 +101,11 @@ def crz_phases(n: int, pairs, device=None):
 
 
 def z_signs(n: int, device=None):
-    """S [2^n, n] with S_jk = 1 - 2·bit_k(j): ⟨Z_k⟩ = |ψ|² · S."""
-    return 1 - 2 * bits(n, device)
+    """S [2^n, n] with S_jk = 1 - 2·bit_k(j): ⟨Z_k⟩ = |ψ|² · S (cached)."""
+    return _z_signs(n, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _z_signs(n: int, device: torch.device):
+    with torch.inference_mode(False):
+        return 1 - 2 * _bits(n, device)

@@ -35,7 +35,7 @@ def expval_readout(phi, u, real=None):
     """z = |U ψ_enc(φ)|² · S: ⟨Z_k⟩ per wire after RY(φ) encoding and the circuit U; real matmuls only."""
     n = phi.shape[-1]
     psi = encode(phi) @ (real_form(u) if real is None else real).T                 # [..., 2 * 2^n]
-    prob = psi[..., : 2 ** n] ** 2 + psi[..., 2 ** n:] ** 2
+    prob = psi.square().unflatten(-1, (2, 2 ** n)).sum(-2)                          # |Re|² + |Im|²
     return prob @ sim.z_signs(n, phi.device)
 
 
