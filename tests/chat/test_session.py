@@ -114,3 +114,20 @@ def test_mistakes_fail_before_loading_weights(tiny_chat_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--bits 4 needs a CUDA GPU"):
             load_chat_model(tiny_chat_dir, bits=4)
+
+
+def test_adapter_is_applied_and_its_saved_template_wins(tiny_chat_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from toolkit.model.meta import write_meta
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    write_meta(tmp_path / "adapter", template="internlm_chat", system="adapter system")
+    tuned = load_chat_model(tiny_chat_dir, adapter=str(tmp_path / "adapter"))
+    plain = load_chat_model(tiny_chat_dir)
+    assert (tuned.template, tuned.system, tuned.name) == ("internlm_chat", "adapter system", "adapter")
+    probe = torch.tensor([[1, 4093, 198, 26843, 2]])
+    with torch.no_grad():
+        assert (tuned.model(probe).logits - plain.model(probe).logits).abs().max() > 1e-3

@@ -83,6 +83,8 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
         raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                         f"pass the folder written by `tk convert pth_to_hf`")
     quantization = quantization_config(bits)
+    if quantization is not None and dtype == "auto":
+        dtype = "bfloat16"  # the layers bitsandbytes leaves alone, in the dtype its kernels compute in
     device = pick_device(device)
     llm = load_causal_lm(model, dtype=dtype, quantization_config=quantization)
     if quantization is None:
