@@ -31,14 +31,15 @@ def read_run(work_dir) -> dict:
         if "loss" in record:
             train.append((step, record["loss"]))
             if "tokens_per_sec" in record:
-                speed.append(record["tokens_per_sec"])
+                speed.append((record["tokens_per_sec"], record.get("time", 1.0)))
         if "val/loss" in record:
             val.append((step, record["val/loss"]))
     if not train:
         raise UserError(f"{work_dir}: the run logged no training loss yet")
     steady = speed[1:] or speed                      # the first logged window includes start-up
+    seconds = sum(t for _, t in steady)              # tokens / seconds over the logged iterations
     return {"name": work_dir.name, "train": train, "val": val, "trainable": trainable_params(work_dir),
-            "tokens_per_sec": sum(steady) / len(steady) if steady else None}
+            "tokens_per_sec": sum(v * t for v, t in steady) / seconds if steady else None}
 
 
 def trainable_params(work_dir: Path):
