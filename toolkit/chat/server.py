@@ -64,6 +64,7 @@ def session_for(chat_model, body: dict, defaults: dict) -> ChatSession:
 def build_app(chat_model, api_key: str | None = None, **defaults):
     """A FastAPI app serving ``chat_model`` under the id ``chat_model.name``."""
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, StreamingResponse
 
     defaults = dict(dict(max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0),
@@ -107,7 +108,7 @@ def build_app(chat_model, api_key: str | None = None, **defaults):
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(sse(session, messages, answer_id, now, usage), media_type="text/event-stream")
-        reply = session.reply_to(messages)
+        reply = await run_in_threadpool(session.reply_to, messages)  # the event loop keeps serving meanwhile
         return {"id": answer_id, "object": "chat.completion", "created": now, "model": chat_model.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                              "finish_reason": session.usage["finish_reason"]}],

@@ -67,11 +67,14 @@ def run(args) -> int:
             continue
         if not command:
             continue
-        if args.no_streamer:
-            print(session.ask(text), flush=True)
-        else:
-            session.ask(text, on_text=lambda piece: print(piece, end="", flush=True))
-            print(flush=True)
+        try:
+            if args.no_streamer:
+                print(session.ask(text), flush=True)
+            else:
+                session.ask(text, on_text=lambda piece: print(piece, end="", flush=True))
+                print(flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply (it is left out of the history), not the chat
+            print("\n(reply stopped)", flush=True)
     return 0
 
 
