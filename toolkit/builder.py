@@ -5,6 +5,8 @@ model loader's arguments), so arguments that are themselves ``type=`` dicts are 
 """
 from __future__ import annotations
 
+import pydoc
+
 from .errors import UserError
 
 
@@ -17,6 +19,8 @@ def build(cfg, registry=None):
     factory = cfg["type"]
     if isinstance(factory, str):
         found = registry.get(factory) if registry is not None else None
+        if found is None and "." in factory:  # an import path, as mmengine writes configs it dumps
+            found = pydoc.locate(factory)
         if found is None:
             choices = f"; choose one of: {', '.join(sorted(registry.module_dict))}" if registry else ""
             raise UserError(f"unknown type {factory!r} in the config{choices}")

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `tk train` re-runs itself under torchrun
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

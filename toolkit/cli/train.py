@@ -1,17 +1,27 @@
-"""tk train CFG: train with the mmengine Runner on CPU or one GPU."""
+"""tk train CFG: train with the mmengine Runner on CPU or GPUs; --deepspeed / --strategy fsdp use the
+FlexibleRunner; NPROC_PER_NODE=N starts N processes through torchrun (see engine/launch.py)."""
 from mmengine.config import DictAction
 
 from ..config import load_config, validate_config
+from ..engine import launch
 from ..engine.runner import build_runner, prepare
+from ..engine.strategy import PRESETS, apply_strategy
 
 
 def run(args) -> int:
     cfg = load_config(args.config, args.cfg_options)
     validate_config(cfg, check_files=True)
+    apply_strategy(cfg, deepspeed=args.deepspeed, strategy=args.strategy)  # bad flags fail before launching
+    code = launch.relaunch(getattr(args, "argv", None) or [])
+    if code is not None:
+        return code
+    if args.deepspeed or args.strategy:
+        launch.single_process_group_env()
     prepare(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed, config_path=args.config)
     runner = build_runner(cfg)
     runner.train()
-    print(f"tk train: done; checkpoints and logs in {runner.work_dir}")
+    if launch.is_rank_zero():
+        print(f"tk train: done; checkpoints and logs in {runner.work_dir}")
     return 0
 
 
@@ -22,5 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
                         help="override config settings, e.g. train_cfg.max_epochs=1")
     parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the latest one")
-    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--seed", type=int, help="random seed (each rank of a multi-GPU run adds its rank)")
+    parser.add_argument("--deepspeed", metavar="|".join(PRESETS) + "|FILE.json",
+                        help="train with DeepSpeed ZeRO; \"auto\" fields are filled from the config")
+    parser.add_argument("--strategy", choices=("fsdp",), help="train with PyTorch FSDP instead of DeepSpeed")
     parser.set_defaults(func=run)

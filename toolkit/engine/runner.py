@@ -43,6 +43,7 @@ def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None,
         cfg.setdefault("randomness", {})
         cfg.randomness["seed"] = seed
     adapt_to_device(cfg)
+    adapt_to_launch(cfg)
     drop_disabled_validation(cfg)
     return cfg
 
@@ -54,6 +55,31 @@ def drop_disabled_validation(cfg: Config) -> None:
         cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
 
 
+def adapt_to_launch(cfg: Config) -> None:
+    """Under torchrun: the 'pytorch' launcher, a seed per rank (dropout differs between ranks while the
+    sampler keeps one data order), the loss logged as the mean over ranks, and gloo where there is no CUDA."""
+    import os
+    if "WORLD_SIZE" not in os.environ:
+        return
+    cfg.launcher = "pytorch"
+    if int(os.environ["WORLD_SIZE"]) > 1:
+        from . import launch  # noqa: F401  (registers MeanLossHook: by name, the config stays dumpable)
+        cfg.setdefault("randomness", {})
+        cfg.randomness["diff_rank_seed"] = True
+        cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="MeanLossHook")]  # log the mean over ranks
+    if not torch.cuda.is_available() and not torch.distributed.is_initialized():
+        # mmengine's own setup calls torch.cuda.set_device; a process group made here is used as it is
+        torch.distributed.init_process_group("gloo")
+        cfg.model_wrapper_cfg = {**(cfg.get("model_wrapper_cfg") or dict(type="MMDistributedDataParallel")),
+                                 "device_ids": None}
+
+
 def build_runner(cfg: Config) -> Runner:
     allow_mmengine_checkpoints()  # resume loads checkpoints with torch's safe default
+    if cfg.get("runner_type") == "FlexibleRunner":  # --deepspeed / --strategy fsdp (engine/strategy.py)
+        from mmengine.runner import FlexibleRunner
+        if cfg.strategy.get("type") == "DeepSpeedStrategy":
+            from .strategy import register_deepspeed_optimizers
+            register_deepspeed_optimizers()
+        return FlexibleRunner.from_cfg(cfg)
     return Runner.from_cfg(cfg)

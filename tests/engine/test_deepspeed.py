@@ -1,0 +1,102 @@
+"""--deepspeed / --strategy fsdp: presets, "auto" filled from the config, the FlexibleRunner config."""
+import json
+
+import pytest
+from mmengine.config import Config
+
+from toolkit.cli.main import main
+from toolkit.config import load_config
+from toolkit.engine.strategy import (PRESETS, apply_strategy, deepspeed_json, fill_auto, load_zero_checkpoint,
+                                     use_deepspeed, use_fsdp)
+from toolkit.errors import UserError
+
+LORA = "smollm2_135m_instruct_lora_champ_e3"
+
+
+@pytest.fixture
+def cfg():
+    return load_config(LORA)
+
+
+def _autos(node):
+    return [k for k, v in node.items() if v == "auto"] + \
+        [k for v in node.values() if isinstance(v, dict) for k in _autos(v)]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_fills_completely(name, cfg):
+    ds = deepspeed_json(name)
+    assert _autos(ds), "presets leave batch/precision settings to the config"
+    filled = fill_auto(ds, cfg)
+    assert not _autos(filled)
+    assert filled["train_micro_batch_size_per_gpu"] == 4       # batch_size in the config
+    assert filled["gradient_accumulation_steps"] == 1
+    assert filled["gradient_clipping"] == 1.0                  # clip_grad.max_norm
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False  # AmpOptimWrapper bf16
+    assert filled["zero_optimization"]["stage"] == int(name[4])
+    assert ("offload_optimizer" in filled["zero_optimization"]) == name.endswith("offload")
+
+
+def test_fill_follows_the_config(cfg):
+    cfg.optim_wrapper.accumulative_counts = 8
+    cfg.optim_wrapper.dtype = "float16"
+    cfg.optim_wrapper.clip_grad = None
+    cfg.train_dataloader.batch_size = 2
+    filled = fill_auto(deepspeed_json("zero2"), cfg)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (2, 8)
+    assert filled["gradient_clipping"] == 0.0
+    assert filled["fp16"]["enabled"] is True and filled["bf16"]["enabled"] is False
+    cfg.optim_wrapper.type = "OptimWrapper"  # fp32 training: neither half precision
+    filled = fill_auto(deepspeed_json("zero2"), cfg)
+    assert filled["fp16"]["enabled"] is False and filled["bf16"]["enabled"] is False
+
+
+def test_user_json_keeps_its_values_and_rejects_unknown_auto(cfg, tmp_path):
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": "auto",
+                               "bf16": {}, "zero_optimization": {"stage": 2}}))
+    filled = fill_auto(deepspeed_json(str(own)), cfg)
+    assert filled["train_micro_batch_size_per_gpu"] == 3  # a written value wins
+    assert filled["bf16"] == {"enabled": True}            # a section without "enabled" follows the config
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(UserError, match="zero_optimization.reduce_bucket_size"):
+        fill_auto(deepspeed_json(str(own)), cfg)
+
+
+def test_bad_deepspeed_arguments(tmp_path):
+    with pytest.raises(UserError, match="neither a preset"):
+        deepspeed_json("zero4")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(UserError, match=r"broken.json:2: not valid JSON"):
+        deepspeed_json(str(broken))
+    with pytest.raises(UserError, match="DeepSpeed model states"):
+        load_zero_checkpoint(tmp_path)
+
+
+def test_use_deepspeed_builds_a_flexible_runner_config(cfg):
+    optimizer = cfg.optim_wrapper.optimizer
+    ds = use_deepspeed(cfg, "zero3")
+    assert cfg.runner_type == "FlexibleRunner"
+    assert cfg.strategy.type == "DeepSpeedStrategy" and cfg.strategy.config == ds
+    assert cfg.optim_wrapper == dict(type="DeepSpeedOptimWrapper", optimizer=optimizer)
+    assert Config(cfg.to_dict()).strategy.config["zero_optimization"]["stage"] == 3
+
+
+def test_use_fsdp(cfg):
+    use_fsdp(cfg)
+    assert cfg.runner_type == "FlexibleRunner" and cfg.strategy.type == "FSDPStrategy"
+    assert cfg.strategy.model_wrapper.mixed_precision.param_dtype == "bfloat16"
+    assert cfg.strategy.state_dict_cfg == "full"  # checkpoints convert like single-GPU ones
+    assert cfg.optim_wrapper.type == "OptimWrapper" and "clip_grad" not in cfg.optim_wrapper
+
+
+def test_strategies_exclude_each_other(cfg):
+    with pytest.raises(UserError, match="exclude each other"):
+        apply_strategy(cfg, deepspeed="zero2", strategy="fsdp")
+
+
+def test_cli_rejects_unknown_preset_in_one_line(capsys):
+    assert main(["train", LORA, "--deepspeed", "zero9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "zero9" in err and "zero2_offload" in err
