@@ -1,5 +1,6 @@
 """Exact resume: a run SIGKILLed after its checkpoint at iteration k and resumed with ``--resume auto``
 logs the same losses for k+1..n as a run never interrupted (LoRA dropout on, validation in between)."""
+import json
 import os
 import signal
 import subprocess
@@ -59,3 +60,7 @@ def test_sigkill_then_resume_auto_logs_the_same_losses(tiny_config, tmp_path):
         assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
     # the losses before the cut also agree: one process or another, same numbers
     assert all(abs(got[step] - expected[step]) <= 1e-6 for step in range(1, K + 1))
+    # the loss plot's history was carried through the checkpoint: the resumed plot shows the whole run
+    history = json.loads((cut / "loss_history.json").read_text())
+    assert [step for step, _ in history["train"]] == list(range(1, N + 1))
+    assert [step for step, _ in history["val"]] == [3, 6, 8]
