@@ -84,3 +84,17 @@ def test_resume_from_a_missing_checkpoint_is_one_line(tiny_config, tmp_path, cap
     assert main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path / "nope.pth")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no such checkpoint" in err and "nope.pth" in err
+
+
+def test_resume_auto_in_an_empty_work_dir_says_it_starts_fresh(tiny_config, tmp_path, monkeypatch):
+    from toolkit.engine import runner
+    said = []
+    monkeypatch.setattr(runner, "print_log", lambda message, **kwargs: said.append(message))
+    cfg = load_config(str(tiny_config()))
+    runner.prepare(cfg, work_dir=str(tmp_path / "empty"), resume="auto")
+    assert any("no checkpoint in" in line for line in said) and cfg.resume is True and cfg.load_from is None
+    said.clear()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "last_checkpoint").write_text(str(tmp_path / "empty" / "iter_2.pth"))
+    runner.prepare(load_config(str(tiny_config())), work_dir=str(tmp_path / "empty"), resume="auto")
+    assert not any("no checkpoint in" in line for line in said)

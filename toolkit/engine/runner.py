@@ -1,6 +1,7 @@
 """Turn a loaded config into an mmengine Runner for this machine."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -37,6 +38,9 @@ def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None,
         if resume != "auto" and not Path(resume).is_file():
             raise UserError(f"--resume {resume}: no such checkpoint (give a .pth file, or 'auto' for the latest "
                             f"in the work dir)")
+        if resume == "auto" and not (Path(cfg.work_dir) / "last_checkpoint").is_file():
+            print_log(f"--resume auto: no checkpoint in {cfg.work_dir} yet, so training starts from the beginning",
+                      logger="current", level=logging.WARNING)
         cfg.resume = True
         cfg.load_from = None if resume == "auto" else resume
     if seed is not None:
