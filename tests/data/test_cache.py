@@ -91,3 +91,11 @@ def test_bad_record_message_suggests_skipping(tokenizer, tmp_path):
                                         r"records\); fix the data, or set skip_bad_records=True"):
         build_sft_dataset(tokenizer, str(path), "alpaca", use_cache=False)
     assert len(build_sft_dataset(tokenizer, str(path), "alpaca", use_cache=False, skip_bad_records=True)) == 1
+
+
+def test_num_proc_gives_the_same_samples(tokenizer):
+    common = dict(source="champ", map_fn="champ", template="chatml", max_length=400, use_cache=False,
+                  pack_to_max_length=True)
+    two = build_sft_dataset(tokenizer, num_proc=2, **common)
+    one = build_sft_dataset(tokenizer, num_proc=1, **common)
+    assert len(two) == len(one) and all(two[i] == one[i] for i in range(len(one)))

@@ -51,26 +51,47 @@ def test_packed_items_and_collate(tokenizer):
     assert starts == [0, second, int(doc_lengths[0][0] + doc_lengths[0][1])]
 
 
+def check_packed_logits(model, tokenizer, device, atol):
+    """A row packed from 4 CHAMP samples gives each of them the logits it gets alone."""
+    encoded = champ_encoded(tokenizer, 4, max_length=300)
+    packed, doc_lengths = pack_encoded(encoded, [[3, 1, 0, 2]])
+    item = {"input_ids": packed.sample(0)["input_ids"], "labels": packed.sample(0)["labels"], "pad_token_id": 2,
+            "position_ids": [p for n in doc_lengths[0] for p in range(n)]}
+    batch = {k: v.to(device) for k, v in sft_collate_fn([item]).items()}
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         use_cache=False).logits[0].float()
+        plain_causal = model(input_ids=batch["input_ids"], use_cache=False).logits[0].float()
+        start = 0
+        for doc in (3, 1, 0, 2):
+            alone = model(input_ids=torch.tensor([encoded.sample(doc)["input_ids"]], device=device),
+                          use_cache=False).logits[0].float()
+            torch.testing.assert_close(together[start:start + len(alone)], alone, atol=atol, rtol=0)
+            start += len(alone)
+    later = int(encoded.lengths[3])
+    assert (plain_causal[later:] - together[later:]).abs().max() > 20 * atol  # without the positions they'd leak
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_logits_equal_each_document_alone(tiny_llama_dir, tokenizer, attn):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn,
                                                  dtype=torch.float32).eval()
-    encoded = champ_encoded(tokenizer, 4, max_length=300)
-    packed, doc_lengths = pack_encoded(encoded, [[3, 1, 0, 2]])
-    item = {"input_ids": packed.sample(0)["input_ids"], "labels": packed.sample(0)["labels"], "pad_token_id": 2,
-            "position_ids": [p for n in doc_lengths[0] for p in range(n)]}
-    batch = sft_collate_fn([item])
-    with torch.no_grad():
-        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        plain_causal = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-        start = 0
-        for doc in (3, 1, 0, 2):
-            alone = model(input_ids=torch.tensor([encoded.sample(doc)["input_ids"]])).logits[0]
-            torch.testing.assert_close(together[start:start + len(alone)], alone, atol=2e-5, rtol=0)
-            start += len(alone)
-    later = int(encoded.lengths[3])
-    assert (plain_causal[later:] - together[later:]).abs().max() > 1e-3  # without the positions they would leak
+    check_packed_logits(model, tokenizer, "cpu", atol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn, dtype, atol", [("sdpa", torch.float32, 1e-4), ("eager", torch.float32, 1e-4),
+                                               ("flex_attention", torch.float32, 1e-4),
+                                               ("flash_attention_2", torch.bfloat16, 2e-2)])
+def test_packed_logits_on_gpu(tiny_llama_dir, tokenizer, attn, dtype, atol):
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed on this machine")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn, dtype=dtype)
+    check_packed_logits(model.to("cuda").eval(), tokenizer, "cuda", atol=atol)
 
 
 def test_packed_dataset_trains_on_the_same_loss(tiny_llama_dir, tokenizer, tmp_path):
