@@ -1,5 +1,6 @@
 """QUANTUM.md tests 3, 4, 6 (merge refusal) and the save -> load round trip, on a tiny random llama
 (hidden 64, GQA v_proj 64 -> 32) and through the CLI chain train -> pth_to_hf -> merge / load."""
+import io
 import json
 import re
 
@@ -92,7 +93,7 @@ def test_merge_is_exact_and_unmerge_restores(tiny_llama_dir, name):  # QUANTUM.m
 
 
 @pytest.mark.parametrize("name", ["tq", "vqc_expval"])
-def test_nonlinear_adapters_refuse_to_merge(tiny_llama_dir, tmp_path, name, capsys):  # QUANTUM.md test 6
+def test_nonlinear_adapters_refuse_to_merge_and_chat_unmerged(tiny_llama_dir, tmp_path, name, capsys, monkeypatch):  # QUANTUM.md test 6
     model = adapted(tiny_llama_dir, name)
     with pytest.raises(UserError, match="cannot be merged"):
         merge_and_unload(model)
@@ -104,6 +105,10 @@ def test_nonlinear_adapters_refuse_to_merge(tiny_llama_dir, tmp_path, name, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be merged" in err and "--adapter" in err
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\nEXIT\n"))         # still usable unmerged
+    assert main(["chat", tiny_llama_dir, "--adapter", str(tmp_path), "--prompt-template", "chatml",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))
@@ -145,7 +150,7 @@ def test_bad_settings_are_one_line_errors(tiny_llama_dir):
         adapted(tiny_llama_dir, "vqc", readout="probs")
 
 
-def test_train_convert_load_and_merge_chain(tmp_path, tiny_llama_dir, capsys):
+def test_train_convert_load_merge_and_chat_chain(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     """quanta through the CLI: trained weights move, the adapter folder reproduces the checkpoint's model."""
     from mmengine.config import Config
 
@@ -180,6 +185,11 @@ def test_train_convert_load_and_merge_chain(tmp_path, tiny_llama_dir, capsys):
     merged = tmp_path / "merged"
     assert main(["convert", "merge", tiny_llama_dir, str(adapter), str(merged), "--device", "cpu"]) == 0
     torch.testing.assert_close(logits(base(str(merged))), expected, atol=1e-5, rtol=0)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\nEXIT\n"))
+    capsys.readouterr()
+    assert main(["chat", tiny_llama_dir, "--adapter", str(adapter), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("name", ["vqc", "tq"])

@@ -79,7 +79,9 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
         raise UserError(f"no prompt template is saved with {adapter or model}; pass --prompt-template NAME")
     get_template(template)
     system = resolve_system(system, system_template, defaults.get("system"))
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+    from ..model.adapters import quantum
+    tk_adapter = bool(adapter) and quantum.is_adapter_folder(adapter)  # vqc / tq / quanta: tk's own folder
+    if adapter and not tk_adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                         f"pass the folder written by `tk convert pth_to_hf`")
     quantization = quantization_config(bits)
@@ -89,7 +91,9 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
     llm = load_causal_lm(model, dtype=dtype, quantization_config=quantization)
     if quantization is None:
         llm = llm.to(device)
-    if adapter:
+    if tk_adapter:
+        llm = quantum.load_adapter(llm, adapter)
+    elif adapter:
         from peft import PeftModel
         llm = PeftModel.from_pretrained(llm, str(adapter))
     llm.eval()

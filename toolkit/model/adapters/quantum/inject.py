@@ -27,13 +27,13 @@ WEIGHTS_FILE = "tk_adapter_model.safetensors"
 ATTR = "tk_adapter_config"          # set on the adapted model: the settings it was built with
 
 
-def _vqc(name, layer, n_qubits=3, n_layers=4, alpha=None, readout="amplitude", seed=0):
+def _vqc(name, layer, n_qubits=3, n_layers=4, alpha=None, readout="amplitude"):
     if readout not in ("amplitude", "expval"):
         raise UserError(f"vqc readout must be 'amplitude' or 'expval', got {readout!r}")
     return VQCDelta(layer.in_features, layer.out_features, n_qubits, n_layers, alpha, readout)
 
 
-def _tq(name, layer, n_qubits=8, n_layers=2, alpha=None, seed=0):
+def _tq(name, layer, n_qubits=8, n_layers=2, alpha=None):
     return TQDelta(layer.in_features, layer.out_features, n_qubits, n_layers, alpha)
 
 

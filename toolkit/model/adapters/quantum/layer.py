@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ....errors import UserError
+
 
 class QuantumLinear(nn.Module):
     """y = base(x) + Δ(dropout(x)); the base layer (fp32, bf16, fp16 or 4-bit) is called as it is.
@@ -49,7 +51,7 @@ class QuantumLinear(nn.Module):
     def _fold(self, sign: int) -> None:
         weight = self.base_layer.weight
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"cannot merge into a {weight.dtype} (quantized) weight; load the base in float")
+            raise UserError(f"cannot merge into a {weight.dtype} (quantized) weight; load the base in float")
         delta = self.delta.delta_weight().to(weight.device)
         weight.copy_((weight.float() + sign * delta).to(weight.dtype))
 
