@@ -96,3 +96,50 @@ def test_binds_loopback_unless_told():
     assert build_parser().parse_args(["web", MODEL]).host == "127.0.0.1"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_generation(tiny_chat_dir, servers, monkeypatch):
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    import toolkit.chat.stream as stream
+    from toolkit.chat.loading import load_chat_model
+    from toolkit.chat.server import build_app
+
+    tiny = load_chat_model(tiny_chat_dir)
+    steps, stopped_at = [0], []
+    check = stream.StopEvent.__call__
+
+    def counting(self, input_ids, scores, **kwargs):  # a step as slow as a real model's on a CPU
+        steps[0] += 1
+        time.sleep(0.02)
+        if self.event.is_set() and not stopped_at:
+            stopped_at.append(steps[0])
+        return check(self, input_ids, scores, **kwargs)
+
+    monkeypatch.setattr(stream.StopEvent, "__call__", counting)
+    port = servers.free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(tiny), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        body = {"model": "tiny-tuned", "stream": True, "max_tokens": 900,
+                "messages": [{"role": "user", "content": "Hello"}]}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as reply:
+            events = 0
+            for line in reply.iter_lines():
+                events += line.startswith("data:")
+                if events == 3:
+                    break
+        left_at = steps[0]
+        assert tiny.lock.acquire(timeout=60)  # the model is free again...
+        tiny.lock.release()
+        assert stopped_at and stopped_at[0] - left_at < 100, (left_at, stopped_at, steps)  # ...stopped early
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -3,6 +3,7 @@
 
 import hmac
 import json
+import threading
 import time
 import uuid
 
@@ -107,22 +108,30 @@ def build_app(chat_model, api_key: str | None = None, **defaults):
         answer_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(sse(session, messages, answer_id, now, usage), media_type="text/event-stream")
+            return StreamingResponse(sse(request, session, messages, answer_id, now, usage), media_type="text/event-stream")
         reply = await run_in_threadpool(session.reply_to, messages)  # the event loop keeps serving meanwhile
         return {"id": answer_id, "object": "chat.completion", "created": now, "model": chat_model.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                              "finish_reason": session.usage["finish_reason"]}],
                 "usage": usage_of(session)}
 
-    def sse(session, messages, answer_id, now, include_usage):
+    async def sse(request, session, messages, answer_id, now, include_usage):
+        """Server-sent events; a client that goes away cancels the generation (freeing the model)."""
         def event(delta, finish_reason=None, **extra):
             chunk = {"id": answer_id, "object": "chat.completion.chunk", "created": now, "model": chat_model.name,
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
             return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
         yield event({"role": "assistant", "content": ""})
-        for piece in session.stream_messages(messages):
-            yield event({"content": piece})
+        cancel = threading.Event()
+        pieces = session.stream_messages(messages, cancel)
+        try:
+            while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                if await request.is_disconnected():  # uvicorn drops what is sent after a disconnect silently
+                    return
+                yield event({"content": piece})
+        finally:
+            cancel.set()
         yield event({}, session.usage["finish_reason"])
         if include_usage:
             chunk = {"id": answer_id, "object": "chat.completion.chunk", "created": now, "model": chat_model.name,

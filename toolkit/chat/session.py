@@ -109,9 +109,10 @@ class ChatSession:
         self.history = messages + [{"role": "assistant", "content": reply}]
         return reply
 
-    def stream_messages(self, messages: list) -> Iterator[str]:
-        """Pieces of the reply to ``messages`` as they are generated (a thread runs ``generate``)."""
-        return iterate_in_thread(lambda on_text, cancel: self.reply_to(messages, on_text, cancel))
+    def stream_messages(self, messages: list, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Pieces of the reply to ``messages`` as they are generated (a thread runs ``generate``).
+        Setting ``cancel`` ends the reply early."""
+        return iterate_in_thread(lambda on_text, stop: self.reply_to(messages, on_text, stop), cancel)
 
     def stream(self, text: str) -> Iterator[str]:
         """Like ``ask``, as an iterator of pieces; the history gets the turn once the reply is complete."""

@@ -67,14 +67,14 @@ class StopEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def merge_streams(works) -> Iterator[tuple]:
+def merge_streams(works, cancel: threading.Event | None = None) -> Iterator[tuple]:
     """Runs each ``work(on_text, cancel)`` in its own thread and yields ``(index, text)`` as they come.
 
-    Closing the iterator early (a client that went away) sets ``cancel`` and waits for the threads.
-    The first exception raised by a work is raised here once all have ended.
+    Closing the iterator early, or setting ``cancel`` from elsewhere (a client that went away), ends the
+    works; closing waits for their threads. The first exception a work raised is raised here at the end.
     """
     pieces: queue.Queue = queue.Queue()
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()
     failure: list = []
 
     def target(index, work):
@@ -104,7 +104,8 @@ def merge_streams(works) -> Iterator[tuple]:
         raise failure[0]
 
 
-def iterate_in_thread(work: Callable[[Callable[[str], None], threading.Event], object]) -> Iterator[str]:
+def iterate_in_thread(work: Callable[[Callable[[str], None], threading.Event], object],
+                      cancel: threading.Event | None = None) -> Iterator[str]:
     """``merge_streams`` for one work: the text it hands to ``on_text``, as it comes."""
-    for _, piece in merge_streams([work]):
+    for _, piece in merge_streams([work], cancel):
         yield piece
