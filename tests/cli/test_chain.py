@@ -32,7 +32,7 @@ def trained_lora(tmp_path_factory, tiny_llama_dir):
     assert main(["copy-cfg", "smollm2_135m_instruct_lora_champ_e3", str(root)]) == 0
     cfg = root / "smollm2_135m_instruct_lora_champ_e3_copy.py"
     edit_config(cfg, pretrained_model_name_or_path=tiny_llama_dir, max_length=128, drop_long_samples=False,
-                lr=1e-2, save_steps=4)
+                lr=2e-3, save_steps=4)
     work_dir = root / "work"
     argv = ["train", str(cfg), "--work-dir", str(work_dir), "--cfg-options", "train_cfg.max_iters=8",
             "default_hooks.logger.interval=1"]
@@ -89,7 +89,22 @@ def test_pth_to_hf_merge_and_chat(trained_lora, tiny_llama_dir, capsys, monkeypa
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nRESET\nWhat is 2+2?\nEXIT\n"))
     assert main(["chat", str(merged), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert "(history cleared)" in out and len(out.replace("(history cleared)", "").strip()) > 0
+    assert "(history cleared)" in out
+    # After RESET the question is asked with no history: chat must print exactly the greedy reply that
+    # the merged model gives to the training template's prompt (computed here independently).
+    from transformers import AutoTokenizer
+    from toolkit.data.encode import prompt_for_generation
+    from toolkit.data.templates import get_template
+    tok = AutoTokenizer.from_pretrained(merged)
+    meta = json.loads((merged / "tk_meta.json").read_text())
+    prompt = prompt_for_generation([{"role": "user", "content": "What is 2+2?"}], tok, get_template(meta["template"]),
+                                   system=meta["system"])
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    new = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id)[0, len(prompt):]
+    expected = tok.decode(new, skip_special_tokens=True).strip()
+    assert expected, "the merged model generated no text"
+    assert expected in out.split("(history cleared)")[1]
 
 
 def test_full_finetune_loss_falls_on_real_data(tmp_path, tiny_llama_dir):

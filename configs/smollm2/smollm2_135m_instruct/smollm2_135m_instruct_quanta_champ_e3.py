@@ -48,7 +48,7 @@ amp_dtype = 'bfloat16'         # mixed precision on a GPU: 'bfloat16' or 'float1
 gradient_checkpointing = False  # recompute activations in backward: less memory, ~30% slower
 
 # Validation, checkpoints and evaluation
-val_size = 0                   # held out of the data: a fraction (0.05) or a sample count; 0: none
+val_size = 0.05                # held out of the data: a fraction (0.05) or a sample count; 0: none
 val_data_source = None         # or a separate validation file (then nothing is held out)
 val_interval = 50              # iterations between validations (and at the end); best checkpoint by val loss
 save_steps = 100
