@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from mmengine.config import DictAction
 
-from ..builder import build
 from ..config import load_config
 from ..errors import UserError
 
@@ -37,8 +36,7 @@ def check(cfg) -> tuple[int, list, list]:
     conversations, problems = map_records(records, resolve_map_fn(settings.get("map_fn")), source)
     notes = []
     if conversations:
-        tokenizer = build_tokenizer(build(settings["tokenizer"]) if isinstance(settings["tokenizer"], dict)
-                                    else settings["tokenizer"])
+        tokenizer = build_tokenizer(settings["tokenizer"])
         encoded = encode_conversations(conversations, tokenizer, get_template(settings.get("template", "chatml")),
                                        max_length + 1, system=settings.get("system"))
         too_long = int((encoded.lengths > max_length).sum())

@@ -34,8 +34,7 @@ def run(args) -> int:
     dataset_cfg = cfg.get("train_dataloader", {}).get("dataset")
     if not isinstance(dataset_cfg, dict) or "tokenizer" not in dataset_cfg:
         raise UserError("the config's train_dataloader.dataset has no 'tokenizer' to build the samples with")
-    tokenizer = build_tokenizer(build(dataset_cfg["tokenizer"]) if isinstance(dataset_cfg["tokenizer"], dict)
-                                else dataset_cfg["tokenizer"])
+    tokenizer = build_tokenizer(dataset_cfg["tokenizer"])
     dataset = build(dataset_cfg)  # exactly what training gets (and its cache)
     if not 0 <= args.index < len(dataset):
         raise UserError(f"--index {args.index} is outside the dataset's {len(dataset)} samples")
