@@ -16,9 +16,16 @@ TMUX = shutil.which("tmux")
 
 
 def test_read_message_multiline_forms():
-    lines = io.StringIO('one line\nfirst \\\nsecond\n"""\na\n\nb\n"""\nlast\n')
-    got = [read_message(lines.readline, False) for _ in range(5)]
-    assert got == ["one line", "first \nsecond", "a\n\nb", "last", None]
+    lines = iter(["one line", "first \\", "second", '"""', "a", "", "b", '"""', "last", "cut \\"])
+    prompts = []
+
+    def read(prompt):
+        prompts.append(prompt)
+        return next(lines, None)
+
+    got = [read_message(read) for _ in range(6)]
+    assert got == ["one line", "first \nsecond", "a\n\nb", "last", "cut ", None]
+    assert prompts[:3] == [">>> ", ">>> ", "... "]
 
 
 def test_piped_chat_prints_whole_replies_with_the_chosen_system_prompt(tiny_chat_dir, capsys, monkeypatch):

@@ -12,33 +12,37 @@ HELP = ('tk chat: Enter sends; end a line with \\ to go on, or wrap lines in """
         'EXIT quits, RESET clears the history.')
 
 
-def read_message(readline, interactive: bool):
-    """The next message from ``readline`` (multi-line aware), or None at end of input."""
-    prompt, cont = ("\n>>> ", "... ") if interactive else ("", "")
-    print(prompt, end="", flush=True)
-    line = readline()
-    if not line:
+def read_message(read):
+    """The next message, or None at the end of input. ``read(prompt)`` returns one line without its
+    newline, or None at the end; a trailing backslash and \"\"\" blocks make one message of several lines."""
+    line = read(">>> ")
+    if line is None:
         return None
-    line = line.rstrip("\n")
     if line.strip() == BLOCK:
         lines = []
-        while True:
-            print(cont, end="", flush=True)
-            more = readline()
-            if not more or more.rstrip("\n").strip() == BLOCK:
-                return "\n".join(lines)
-            lines.append(more.rstrip("\n"))
+        while (more := read("... ")) is not None and more.strip() != BLOCK:
+            lines.append(more)
+        return "\n".join(lines)
     lines = []
-    while line.endswith("\\"):
+    while line is not None and line.endswith("\\"):
         lines.append(line[:-1])
-        print(cont, end="", flush=True)
-        line = readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-    else:
-        lines.append(line)
-    return "\n".join(lines)
+        line = read("... ")
+    return "\n".join(lines + ([line] if line is not None else []))
+
+
+def terminal_read(prompt: str):
+    """input() with line editing and history (readline) for a person at a terminal."""
+    import readline  # noqa: F401  (importing it turns editing on for input())
+    try:
+        return input("\n" + prompt if prompt == ">>> " else prompt)
+    except EOFError:
+        print()
+        return None
+
+
+def piped_read(prompt: str):
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
 
 
 def run(args) -> int:
@@ -57,7 +61,7 @@ def run(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP)
-    while (text := read_message(sys.stdin.readline, interactive)) is not None:
+    while (text := read_message(terminal_read if interactive else piped_read)) is not None:
         command = text.strip()
         if command == "EXIT":
             break

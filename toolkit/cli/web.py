@@ -1,10 +1,16 @@
 """tk web MODEL [--adapter DIR] [--compare BASE]: a chat page in the browser (Gradio), replies streamed."""
+import sys
+
 from .chat import add_model_arguments, add_sampling_arguments
 
 
 def run(args) -> int:
     from ..chat.loading import chat_defaults, load_chat_model
     from ..chat.web import build_demo, launch
+    from .serve import is_loopback
+
+    if not is_loopback(args.host):
+        print(f"tk web: warning: {args.host} lets other machines use this page (it has no login)", file=sys.stderr)
 
     models = [load_chat_model(args.model, args.adapter, template=args.prompt_template, system=args.system,
                               system_template=args.system_template, bits=args.bits)]
