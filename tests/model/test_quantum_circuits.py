@@ -172,3 +172,19 @@ def test_batched_unitaries_equal_one_by_one():
     for batched, single in ((vqc_unitary(vqc_theta, 3), [vqc_unitary(t, 3) for t in vqc_theta]),
                             (tq_unitary(tq_theta, 3), [tq_unitary(t, 3) for t in tq_theta])):
         torch.testing.assert_close(batched, torch.stack(single), atol=1e-6, rtol=0)
+
+
+def test_vqc_expval_recomputes_in_backward_with_the_same_gradients():
+    torch.manual_seed(3)
+    delta = VQCDelta(12, 10, n_qubits=4, n_layers=2, readout="expval")
+    with torch.no_grad():
+        delta.B.normal_()
+    x = torch.randn(5, 12, requires_grad=True)
+    delta(x).pow(2).sum().backward()
+    checkpointed = [x.grad.clone()] + [p.grad.clone() for p in delta.parameters()]
+    x.grad = None
+    delta.zero_grad()
+    phi = torch.pi * torch.tanh(x @ delta.A.T)
+    (vqc_expval(phi, delta.theta, 4) @ (delta.scale * delta.B).T).pow(2).sum().backward()
+    for a, b in zip(checkpointed, [x.grad] + [p.grad for p in delta.parameters()]):
+        torch.testing.assert_close(a, b)

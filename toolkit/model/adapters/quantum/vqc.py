@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import simulator as sim
 from .bank import bank_unitary
@@ -114,7 +115,11 @@ class VQCDelta(nn.Module):
 
     def forward(self, x):
         if self.readout == "expval":
-            z = vqc_expval(torch.pi * torch.tanh(x @ self.A.T), self.theta, self.n_qubits)
+            # 2^n amplitudes per token through 2L gate layers: recompute them in backward instead of keeping
+            # them (at n=10 they are ~1 GB a layer for 2,048 tokens)
+            z = checkpoint(vqc_expval, torch.pi * torch.tanh(x @ self.A.T), self.theta, self.n_qubits,
+                           use_reentrant=False) if torch.is_grad_enabled() else \
+                vqc_expval(torch.pi * torch.tanh(x @ self.A.T), self.theta, self.n_qubits)
             return z @ (self.scale * self.B).T
         return (x @ (self.unitary().real @ self.A).T) @ (self.scale * self.B).T
 
