@@ -27,22 +27,30 @@ def model(tmp_path_factory):
                       num_hidden_layers=2, vocab_size=256)
 
 
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_zero_on_two_cpu_processes_matches_one(preset, model, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(one, config(model, bs=2))
-    train(two, config(model, bs=1), "--deepspeed", preset, nproc=2)
-    ref, got = losses(one), losses(two)
-    assert len(ref) == len(got) == STEPS and ref[-1] < ref[0]
-    assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-4, (ref, got)
-
+def converted_weights(work):
     import torch
     from transformers import AutoModelForCausalLM
-    weights = {}
-    for name, work in (("one", one), ("two", two)):
-        result = tk("convert", "pth_to_hf", work / "cfg.py", work / f"iter_{STEPS}.pth", work / "hf")
-        assert result.returncode == 0, result.stderr[-3000:]
-        weights[name] = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32).state_dict()
-    assert (two / f"iter_{STEPS}.pth").is_dir()  # a ZeRO checkpoint folder, read by convert
-    for key, value in weights["one"].items():
-        torch.testing.assert_close(weights["two"][key], value, rtol=1e-4, atol=1e-5)
+    result = tk("convert", "pth_to_hf", work / "cfg.py", work / f"iter_{STEPS}.pth", work / "hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32).state_dict()
+
+
+@pytest.fixture(scope="module")
+def one_process(model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("one_process")
+    train(work, config(model, bs=2))
+    return losses(work), converted_weights(work)
+
+
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_zero_on_two_cpu_processes_matches_one(preset, model, one_process, tmp_path):
+    import torch
+    ref, expected = one_process
+    train(tmp_path, config(model, bs=1), "--deepspeed", preset, nproc=2)
+    got = losses(tmp_path)
+    assert len(ref) == len(got) == STEPS and ref[-1] < ref[0]
+    assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-4, (ref, got)
+    assert (tmp_path / f"iter_{STEPS}.pth").is_dir()  # a ZeRO checkpoint folder, read by convert
+    actual = converted_weights(tmp_path)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-4, atol=1e-5)
