@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-2/3 through `tk train --deepspeed` on CPU (gloo): two processes reach the one-process
-losses on the same data and global batch, and the ZeRO checkpoint converts to the same weights.
+"""DeepSpeed through `tk train --deepspeed` on CPU (gloo): with ZeRO-2/3 two processes reach the one-process
+losses on the same data and global batch, and the ZeRO checkpoint converts to the same weights; the
+other presets (zero1, offload) reach them in one process.
 
 The CPU twin of tests/gpu/test_multi_gpu.py, with a smaller model; needs DeepSpeed
 (pip install --no-build-isolation deepspeed), skipped without it.
@@ -54,3 +55,12 @@ def test_zero_on_two_cpu_processes_matches_one(preset, model, one_process, tmp_p
     actual = converted_weights(tmp_path)
     for key, value in expected.items():
         torch.testing.assert_close(actual[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["zero1", "zero2_offload", "zero3_offload"])
+def test_other_presets_match_in_one_process(preset, model, one_process, tmp_path):
+    """One process (no torchrun: tk describes a world of one), the same batch of 2."""
+    train(tmp_path, config(model, bs=2), "--deepspeed", preset)
+    ref, got = one_process[0], losses(tmp_path)
+    assert len(got) == STEPS
+    assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-4, (ref, got)
