@@ -157,12 +157,25 @@ def _encode(conversations, tokenizer, template, limit, system, num_proc) -> Enco
     if num_proc <= 1 or len(conversations) < 2 * num_proc:
         return encode_conversations(conversations, tokenizer, template, limit, system=system)
     import multiprocessing as mp
-    bounds = np.linspace(0, len(conversations), num_proc + 1).astype(int)
+    bounds = np.linspace(0, len(conversations), num_proc + 1).astype(int).tolist()
+    if "fork" in mp.get_all_start_methods():  # the workers inherit the work; only the results travel back
+        _SHARED["work"] = (conversations, tokenizer, template, limit, system)
+        try:
+            with mp.get_context("fork").Pool(num_proc) as pool:
+                return _concat(pool.starmap(_encode_forked, zip(bounds, bounds[1:])))
+        finally:
+            _SHARED.clear()
     shards = [(conversations[a:b], tokenizer, template, limit, system) for a, b in zip(bounds, bounds[1:])]
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(num_proc) as pool:
-        parts = pool.starmap(_encode_shard, shards)
-    return _concat(parts)
+    with mp.get_context("spawn").Pool(num_proc) as pool:
+        return _concat(pool.starmap(_encode_shard, shards))
+
+
+_SHARED = {}
+
+
+def _encode_forked(start: int, end: int) -> Encoded:
+    conversations, tokenizer, template, limit, system = _SHARED["work"]
+    return _encode_shard(conversations[start:end], tokenizer, template, limit, system)
 
 
 def _encode_shard(conversations, tokenizer, template, limit, system) -> Encoded:
