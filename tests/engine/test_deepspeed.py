@@ -83,8 +83,17 @@ def test_use_deepspeed_builds_a_flexible_runner_config(cfg):
     assert Config(cfg.to_dict()).strategy.config["zero_optimization"]["stage"] == 3
 
 
-def test_use_fsdp(cfg):
+def test_use_fsdp(cfg, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="fsdp needs CUDA"):
+        use_fsdp(cfg)
+    import mmengine.logging
+    warnings = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mmengine.logging, "print_log", lambda msg, **kw: warnings.append(msg))
     use_fsdp(cfg)
+    assert "clipping is off" in warnings[0]  # the config clips; mmengine's FSDP glue cannot
     assert cfg.runner_type == "FlexibleRunner" and cfg.strategy.type == "FSDPStrategy"
     assert cfg.strategy.model_wrapper.mixed_precision.param_dtype == "bfloat16"
     assert cfg.strategy.state_dict_cfg == "full"  # checkpoints convert like single-GPU ones

@@ -102,6 +102,9 @@ def use_fsdp(cfg: Config) -> None:
     """Switch ``cfg`` to FlexibleRunner + FSDPStrategy: full sharding in units of >= 10M parameters,
     the precision of the config's AmpOptimWrapper, and a full (rank-0) state dict in checkpoints so
     ``tk convert pth_to_hf`` reads them like any other."""
+    import torch
+    if not torch.cuda.is_available():  # mmengine's FSDP support puts each rank on its CUDA device
+        raise UserError("--strategy fsdp needs CUDA GPUs; on a CPU train without it (or with --deepspeed)")
     from mmengine.registry import FUNCTIONS
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
     # by name, so the config stays dumpable as text
