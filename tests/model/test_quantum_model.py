@@ -211,6 +211,10 @@ def test_shared_unitary_bank_gives_the_same_gradients_with_checkpointing_and_acc
 
     banked = grads(model)
     assert bank.current is not None and bank.current.shape[0] == 4
+    bank.current = None
+    with torch.no_grad():
+        model.model(PROBE)                            # tk's loss runs the decoder without the LM head's forward
+    assert bank.current is not None
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     checkpointed = grads(model)
@@ -224,3 +228,20 @@ def test_shared_unitary_bank_gives_the_same_gradients_with_checkpointing_and_acc
         torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-5)
     plain = unload(model)
     assert not hasattr(plain, "_tk_banks") and not plain._forward_pre_hooks
+
+
+@pytest.mark.parametrize("name", ["vqc", "tq", "quanta"])
+def test_bf16_stored_adapter_weights_still_compute_in_fp32(tiny_llama_dir, name):
+    """DeepSpeed's bf16 mode casts every weight, the adapter's included, to bf16."""
+    model = adapted(tiny_llama_dir, name)
+    perturb(model)
+    layer = next(iter(adapted_layers(model).values()))
+    x = torch.randn(3, 64)
+    expected = layer.delta(x)
+    layer.delta.to(torch.bfloat16)
+    reference = {k: v.float() for k, v in layer.delta.state_dict().items()}
+    out = layer.delta(x)
+    assert out.dtype == torch.float32
+    layer.delta.float().load_state_dict(reference)
+    torch.testing.assert_close(out, layer.delta(x))
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()

@@ -2,7 +2,7 @@
 
 Building U(θ) takes tens of tiny ops; done per adapted layer (64 in a 7B model on q_proj,v_proj) that
 is thousands of kernel launches a step and made vqc 3x slower than LoRA on an H100. A forward pre-hook
-on the adapted model instead stacks every layer's θ and builds all unitaries at once; each layer takes
+on the module that runs all adapted layers (the decoder) instead stacks every layer's θ and builds all unitaries at once; each layer takes
 its slice. The result is computed outside any layer (so gradient checkpointing recomputes a layer
 without rebuilding it) and afresh on every model forward (so the graph is never reused after backward).
 A layer called outside a model forward sees the last model forward's unitaries; merging builds its own.
@@ -24,7 +24,7 @@ class UnitaryBank:
 
     def refresh(self, *_):
         with torch.autocast(device_type=self.deltas[0].theta.device.type, enabled=False):
-            self.current = self.build(torch.stack([d.theta for d in self.deltas]))
+            self.current = self.build(torch.stack([d.theta.float() for d in self.deltas]))
 
     def detach(self):
         for handle in self.handles:
@@ -39,14 +39,33 @@ def bank_unitary(delta):
     return bank.current[ref[1]] if bank is not None and bank.current is not None else None
 
 
-def attach_banks(model, deltas) -> list:
-    """Group ``deltas`` by circuit shape, one bank each, refreshed by a forward pre-hook on ``model``."""
+def attach_banks(model, layers: dict) -> list:
+    """Group the deltas of ``layers`` ({name: QuantumLinear}) by circuit shape, one bank each, refreshed by a
+    forward pre-hook on the module that runs them all."""
     groups: dict = {}
-    for delta in deltas:
+    names = list(layers)
+    for delta in (layer.delta for layer in layers.values()):
         key = getattr(delta, "bank_key", None)
         if key is not None:
             groups.setdefault(key, []).append(delta)
     banks = [UnitaryBank(group, group[0].batched_unitary) for group in groups.values()]
+    owner = _hook_owner(model, names)
     for bank in banks:
-        bank.handles.append(model.register_forward_pre_hook(bank.refresh))
+        bank.handles.append(owner.register_forward_pre_hook(bank.refresh))
     return banks
+
+
+def _hook_owner(model, names):
+    """The innermost module whose forward runs every adapted layer: their common ancestor, lifted out of
+    plain containers (a ModuleList's forward is never called). For an HF causal LM that is the decoder
+    (``model.model``), which tk's loss calls directly, without the LM head's forward."""
+    parts = [name.split(".") for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    common = common[:-1] if len(names) == 1 else common  # one layer: its parent
+    while common and isinstance(model.get_submodule(".".join(common)), (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        common.pop()
+    return model.get_submodule(".".join(common)) if common else model

@@ -78,7 +78,7 @@ def inject(model: nn.Module, kind: str, target_modules=("q_proj", "v_proj"), dro
         delta = build(name, layer, **settings).to(layer.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, QuantumLinear(layer, delta, dropout).train(layer.training))
-    model._tk_banks = attach_banks(model, [layer.delta for layer in adapted_layers(model).values()])
+    model._tk_banks = attach_banks(model, adapted_layers(model))
     setattr(model, ATTR, {"type": kind, "target_modules": target_modules if isinstance(target_modules, str)
                           else list(target_modules), "dropout": dropout, **settings})
     return model

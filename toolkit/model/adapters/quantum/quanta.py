@@ -102,9 +102,9 @@ class QuantaDelta(nn.Module):
 
     def forward(self, x):
         x = self._pad(x)
-        y = circuit(x, list(self.T), self.dims) - circuit(x, self.S, self.dims)
+        y = circuit(x, [t.float() for t in self.T], self.dims) - circuit(x, [s.float() for s in self.S], self.dims)
         return y[..., : self.out_features]
 
     def delta_weight(self):
-        delta = dense(list(self.T), self.dims) - dense(self.S, self.dims)
+        delta = dense([t.float() for t in self.T], self.dims) - dense([s.float() for s in self.S], self.dims)
         return delta[: self.out_features, : self.in_features]

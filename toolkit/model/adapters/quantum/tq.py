@@ -105,10 +105,10 @@ class TQDelta(nn.Module):
         return real_form(tq_unitary(thetas, self.n_qubits))
 
     def unitary(self):
-        return tq_unitary(self.theta, self.n_qubits)
+        return tq_unitary(self.theta.float(), self.n_qubits)
 
     def forward(self, x):
         real = bank_unitary(self)
         real = real_form(self.unitary()) if real is None else real
-        z = expval_readout(torch.pi * torch.tanh(x @ self.A.T), None, real)
-        return z @ (self.scale * self.B).T
+        z = expval_readout(torch.pi * torch.tanh(x @ self.A.float().T), None, real)
+        return z @ (self.scale * self.B.float()).T

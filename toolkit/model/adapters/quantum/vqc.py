@@ -111,17 +111,17 @@ class VQCDelta(nn.Module):
 
     def unitary(self):
         u = bank_unitary(self)
-        return vqc_unitary(self.theta, self.n_qubits) if u is None else u
+        return vqc_unitary(self.theta.float(), self.n_qubits) if u is None else u
 
     def forward(self, x):
         if self.readout == "expval":
             # 2^n amplitudes per token through 2L gate layers: recompute them in backward instead of keeping
             # them (at n=10 they are ~1 GB a layer for 2,048 tokens)
-            z = checkpoint(vqc_expval, torch.pi * torch.tanh(x @ self.A.T), self.theta, self.n_qubits,
-                           use_reentrant=False) if torch.is_grad_enabled() else \
-                vqc_expval(torch.pi * torch.tanh(x @ self.A.T), self.theta, self.n_qubits)
-            return z @ (self.scale * self.B).T
-        return (x @ (self.unitary().real @ self.A).T) @ (self.scale * self.B).T
+            phi, theta = torch.pi * torch.tanh(x @ self.A.float().T), self.theta.float()
+            z = checkpoint(vqc_expval, phi, theta, self.n_qubits, use_reentrant=False) if torch.is_grad_enabled() \
+                else vqc_expval(phi, theta, self.n_qubits)
+            return z @ (self.scale * self.B.float()).T
+        return (x @ (self.unitary().real @ self.A.float()).T) @ (self.scale * self.B.float()).T
 
     def delta_weight(self):
-        return self.scale * self.B @ vqc_unitary(self.theta, self.n_qubits).real @ self.A
+        return self.scale * self.B.float() @ vqc_unitary(self.theta.float(), self.n_qubits).real @ self.A.float()
