@@ -1,5 +1,6 @@
 """tk list-dataset-format, tk check-custom-dataset CFG, tk log-dataset CFG --show ..."""
 import json
+import re
 
 from toolkit.cli.main import main
 
@@ -37,7 +38,7 @@ def test_check_custom_dataset_lists_every_bad_record(tmp_path, capsys, smollm2_d
 
 def test_log_dataset_marks_what_is_not_trained(tmp_path, capsys, smollm2_dir):
     data = tmp_path / "one.jsonl"
-    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
+    data.write_text((json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n") * 20)  # some may be held out
     options = ["--cfg-options", f"train_dataloader.dataset.source={data}", "train_dataloader.dataset.map_fn=alpaca"]
     assert main(["log-dataset", CONFIG, "--show", "all"] + options) == 0
     out = capsys.readouterr().out
@@ -45,5 +46,5 @@ def test_log_dataset_marks_what_is_not_trained(tmp_path, capsys, smollm2_dir):
     assert (f"[no loss]<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n"
             f"<|im_start|>assistant\n[/no loss]hi<|im_end|>[no loss]\n[/no loss]") in out
     assert "input_ids: [1, 9690, 198" in out and "labels: [-100, -100" in out
-    assert main(["log-dataset", CONFIG, "--show", "labels", "--index", "5"] + options) == 2
-    assert "--index 5 is outside the dataset's 1 samples" in capsys.readouterr().err
+    assert main(["log-dataset", CONFIG, "--show", "labels", "--index", "50"] + options) == 2
+    assert re.search(r"--index 50 is outside the dataset's \d+ samples", capsys.readouterr().err)
