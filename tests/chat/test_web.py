@@ -48,7 +48,7 @@ def browser(tmp_path):
 
 def bot_texts(browser, column: int, role: str = "bot") -> list:
     return browser.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText.trim())",
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent.trim())",
         f"#chat-{column} .message.{role}")
 
 
@@ -78,7 +78,7 @@ def test_page_streams_replies_side_by_side(browser, smollm2_dir, tiny_chat_dir, 
     from selenium.webdriver.common.keys import Keys
     port = servers.free_port()
     args = ["web", "smollm2-135m-instruct", "--compare", tiny_chat_dir, "--port", str(port),
-            "--max-new-tokens", "40"]
+            "--max-new-tokens", "300"]
     with servers.run(args, f"http://127.0.0.1:{port}/", tmp_path / "web.log"):
         browser.get(f"http://127.0.0.1:{port}/")
         deadline = time.time() + 60
@@ -109,6 +109,19 @@ def test_page_streams_replies_side_by_side(browser, smollm2_dir, tiny_chat_dir, 
             assert len(bot_texts(browser, column)) == 2 and all(bot_texts(browser, column))
         browser.save_screenshot(str(tmp_path / "page.png"))
         assert (tmp_path / "page.png").stat().st_size > 10_000
+
+        box.send_keys("Write a very long story about a dragon and a knight.", Keys.ENTER)
+        while len(bot_texts(browser, 0)) < 3 or len(bot_texts(browser, 0)[2].split()) < 5:
+            assert time.time() < deadline + 120, "no story started"
+            time.sleep(0.05)
+        browser.find_element(By.CSS_SELECTOR, "#stop").click()
+        while not box.is_enabled():
+            assert time.time() < deadline + 150, "the box stayed locked after Stop"
+            time.sleep(0.05)
+        time.sleep(1)
+        stopped = bot_texts(browser, 0)[2]
+        time.sleep(3)  # 300 tokens take far longer than this: a reply still running would have grown
+        assert stopped and bot_texts(browser, 0)[2] == stopped and len(stopped.split()) < 150
 
         browser.find_element(By.CSS_SELECTOR, "#clear").click()
         deadline = time.time() + 10

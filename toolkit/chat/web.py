@@ -58,6 +58,7 @@ def build_demo(models, max_new_tokens: int = 512, temperature: float = 0.0, top_
             box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
                              elem_id="message", autofocus=True)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", scale=1, elem_id="stop")
             clear = gr.Button("Clear", scale=1, elem_id="clear")
         with gr.Accordion("System prompt and sampling", open=False):
             system = gr.Textbox(value=models[0].system or "", label="System prompt", elem_id="system")
@@ -85,9 +86,12 @@ def build_demo(models, max_new_tokens: int = 512, temperature: float = 0.0, top_
             for shown in states:
                 yield shown[0] if len(models) == 1 else tuple(shown)  # Gradio: one output is not a list
 
+        streams = []
         for event in (box.submit, send.click):
-            event(take, box, [box, send, pending], queue=False).then(
-                submit, [pending, *chatbots, system, *controls], chatbots).then(unlock, None, [box, send], queue=False)
+            streams.append(event(take, box, [box, send, pending], queue=False).then(
+                submit, [pending, *chatbots, system, *controls], chatbots))
+            streams[-1].then(unlock, None, [box, send], queue=False)
+        stop.click(unlock, None, [box, send], cancels=streams, queue=False)  # what was said so far stays
         clear.click(lambda: [[] for _ in models], None, chatbots)
     return demo
 
