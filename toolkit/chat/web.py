@@ -57,9 +57,9 @@ def build_demo(models, max_new_tokens: int = 512, temperature: float = 0.0, top_
         with gr.Row():
             box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
                              elem_id="message", autofocus=True)
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            stop = gr.Button("Stop", scale=1, elem_id="stop")
-            clear = gr.Button("Clear", scale=1, elem_id="clear")
+            send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+            stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
+            clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear")
         with gr.Accordion("System prompt and sampling", open=False):
             system = gr.Textbox(value=models[0].system or "", label="System prompt", elem_id="system")
             with gr.Row():
