@@ -46,6 +46,16 @@ def browser(tmp_path):
     chrome.quit()
 
 
+RECORD_FIRST_REPLY = """
+window.tkSeen = [];
+new MutationObserver(() => {
+    const first = document.querySelector('#chat-0 .message.bot');
+    const text = first ? first.textContent.trim() : '';
+    if (text && window.tkSeen[window.tkSeen.length - 1] !== text) window.tkSeen.push(text);
+}).observe(document.querySelector('#chat-0'), {subtree: true, childList: true, characterData: true});
+"""
+
+
 def bot_texts(browser, column: int, role: str = "bot") -> list:
     return browser.execute_script(
         "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent.trim())",
@@ -87,13 +97,15 @@ def test_page_streams_replies_side_by_side(browser, smollm2_dir, tiny_chat_dir, 
         labels = browser.find_element(By.TAG_NAME, "body").text
         assert "smollm2-135m-instruct" in labels and "tiny-tuned" in labels
 
+        browser.execute_script(RECORD_FIRST_REPLY)  # every text the first reply shows, however fast it changes
         box = browser.find_element(By.CSS_SELECTOR, "#message textarea")
         box.send_keys("What is the capital of France?", Keys.ENTER)
         deadline = time.time() + 120
         while not "".join(bot_texts(browser, 0)) and time.time() < deadline:
             time.sleep(0.05)
         assert not box.is_enabled()  # locked while the reply streams, so nothing typed meanwhile is lost
-        seen = watch_reply(browser, 0, 1)
+        watch_reply(browser, 0, 1)
+        seen = browser.execute_script("return window.tkSeen")
         assert "Paris" in seen[-1]
         growing = [a for a, b in zip(seen, seen[1:]) if b.startswith(a.rstrip()) and len(b) > len(a)]
         assert len(seen) >= 3 and len(growing) >= 2, seen  # the answer arrived in pieces, each adding on
