@@ -10,12 +10,23 @@ import pydoc
 from .errors import UserError
 
 
+def _dumped_dtype(value):
+    """``'torch.bfloat16'`` -> ``torch.bfloat16``: mmengine writes lazily imported attributes of a config it
+    dumps to the work dir as their dotted names; torch dtypes are the ones tk's configs use as values."""
+    if isinstance(value, str) and value.startswith("torch."):
+        import torch
+        found = getattr(torch, value[len("torch."):], None)
+        if isinstance(found, torch.dtype):
+            return found
+    return value
+
+
 def build(cfg, registry=None):
     if isinstance(cfg, (list, tuple)):
         return type(cfg)(build(item, registry) for item in cfg)
     if not isinstance(cfg, dict) or "type" not in cfg:
         return cfg
-    kwargs = {key: build(value, registry) for key, value in cfg.items() if key != "type"}
+    kwargs = {key: _dumped_dtype(build(value, registry)) for key, value in cfg.items() if key != "type"}
     factory = cfg["type"]
     if isinstance(factory, str):
         found = registry.get(factory) if registry is not None else None

@@ -121,3 +121,30 @@ def test_full_finetune_loss_falls_on_real_data(tmp_path, tiny_llama_dir):
     out = tmp_path / "full_hf"
     assert main(["convert", "pth_to_hf", str(cfg), str(work_dir / "iter_20.pth"), str(out)]) == 0
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+
+
+def test_config_in_its_work_dir_is_kept_and_the_resolved_dump_converts(tmp_path, tiny_llama_dir):
+    """mmengine dumps the resolved config to work_dir/<config name>; a config that lives there must not be
+    overwritten, and the dump (imports written as dotted names) must still work with pth_to_hf."""
+    assert main(["copy-cfg", "smollm2_135m_instruct_lora_champ_e3", str(tmp_path)]) == 0
+    cfg = tmp_path / "smollm2_135m_instruct_lora_champ_e3_copy.py"
+    edit_config(cfg, pretrained_model_name_or_path=tiny_llama_dir, max_length=128, drop_long_samples=False,
+                save_steps=2, val_size=0)
+    original = cfg.read_text()
+    assert main(["train", str(cfg), "--work-dir", str(tmp_path), "--cfg-options", "train_cfg.max_iters=2",
+                 "custom_hooks=[]"]) == 0
+    assert cfg.read_text() == original
+    resolved = tmp_path / "smollm2_135m_instruct_lora_champ_e3_copy_resolved.py"
+    assert "type='peft.LoraConfig'" in resolved.read_text()  # a dotted name, not the class
+    out = tmp_path / "adapter"
+    assert main(["convert", "pth_to_hf", str(resolved), str(tmp_path / "iter_2.pth"), str(out)]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_dumped_dtype_names_build_to_dtypes():
+    import torch
+    from transformers import BitsAndBytesConfig
+    from toolkit.builder import build
+    quant = build(dict(type="transformers.BitsAndBytesConfig", load_in_4bit=True,
+                       bnb_4bit_compute_dtype="torch.bfloat16"))
+    assert isinstance(quant, BitsAndBytesConfig) and quant.bnb_4bit_compute_dtype == torch.bfloat16

@@ -34,8 +34,11 @@ def test_shipped_settings_are_wired():
     assert cfg.optim_wrapper.clip_grad.max_norm == cfg.max_norm
     assert cfg.param_scheduler.decay == cfg.lr_scheduler_type
     assert cfg.default_hooks.checkpoint.max_keep_ckpts == cfg.save_total_limit
-    drop_disabled_validation(cfg)  # the shipped default: val_size = 0, no separate set
-    assert cfg.val_dataloader is None and cfg.val_cfg is None and cfg.val_evaluator is None
+    drop_disabled_validation(cfg)  # the shipped default holds 5% out: validation stays on
+    assert cfg.val_dataloader.dataset.val_size == cfg.val_size == 0.05 and cfg.val_cfg is not None
+    off = load_config("smollm2_135m_instruct_lora_champ_e3", {"val_dataloader.dataset.val_size": 0})
+    drop_disabled_validation(off)  # val_size = 0 and no separate set: no validation
+    assert off.val_dataloader is None and off.val_cfg is None and off.val_evaluator is None
 
 
 def test_gradient_checkpointing_changes_memory_not_numbers(tiny_llama_dir):

@@ -78,6 +78,24 @@ def adapt_to_launch(cfg: Config) -> None:
                                  "device_ids": None}
 
 
+class _KeepUserConfig:
+    """mmengine writes the resolved config to ``work_dir/<config file name>``. When the user's config lives
+    in the work dir, that would overwrite it with a re-rendered copy; tk writes ``<name>_resolved.py`` then."""
+
+    def dump_config(self) -> None:
+        if not self.cfg.filename:
+            return super().dump_config()
+        source = Path(self.cfg.filename).resolve()
+        target = Path(self.work_dir).resolve() / source.name
+        if target == source:
+            target = target.with_name(f"{source.stem}_resolved.py")
+        self.cfg.dump(str(target))
+
+
+class TkRunner(_KeepUserConfig, Runner):
+    pass
+
+
 def build_runner(cfg: Config) -> Runner:
     allow_mmengine_checkpoints()  # resume loads checkpoints with torch's safe default
     if cfg.get("runner_type") == "FlexibleRunner":  # --deepspeed / --strategy fsdp (engine/strategy.py)
@@ -85,5 +103,5 @@ def build_runner(cfg: Config) -> Runner:
         if cfg.strategy.get("type") == "DeepSpeedStrategy":
             from .strategy import register_deepspeed_optimizers
             register_deepspeed_optimizers()
-        return FlexibleRunner.from_cfg(cfg)
-    return Runner.from_cfg(cfg)
+        return type("TkFlexibleRunner", (_KeepUserConfig, FlexibleRunner), {}).from_cfg(cfg)
+    return TkRunner.from_cfg(cfg)

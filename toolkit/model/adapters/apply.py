@@ -20,7 +20,9 @@ def apply_adapter(model, adapter_cfg):
     if adapter_cfg is None:
         return model
     factory = adapter_cfg.get("type") if isinstance(adapter_cfg, dict) else None
-    if isinstance(factory, str):
+    # A dotted name ('peft.tuners.lora.config.LoraConfig', as mmengine writes configs it dumps) is built
+    # below like the class itself; a plain name is one of tk's registered adapters.
+    if isinstance(factory, str) and "." not in factory:
         builder = ADAPTERS.get(factory)
         if builder is None:
             raise UserError(f"unknown adapter type {factory!r}; choose one of: "
