@@ -1,4 +1,4 @@
-"""Circuit adapters on CUDA: bf16 base, exact start, merge, and the step-time ratio to LoRA (tools/bench_adapters.py)."""
+"""Circuit adapters on CUDA: bf16 and 4-bit bases, ZeRO-2, and the step-time ratio to LoRA (tools/bench_adapters.py)."""
 import importlib.util
 import json
 from pathlib import Path

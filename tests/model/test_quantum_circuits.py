@@ -41,7 +41,8 @@ def kron_vqc(theta, n):
 
 def test_gate_matrices_and_cnot():
     theta = torch.tensor(0.7)
-    assert torch.allclose(sim.ry(theta), torch.tensor([[math.cos(.35), -math.sin(.35)], [math.sin(.35), math.cos(.35)]]))
+    c, s = math.cos(.35), math.sin(.35)
+    assert torch.allclose(sim.ry(theta), torch.tensor([[c, -s], [s, c]]))
     assert torch.allclose(sim.u3(theta, torch.tensor(0.), torch.tensor(0.)), sim.ry(theta).to(torch.complex64))
     # CNOT(0 -> 1) on |10> gives |11>; wire 0 is the most significant bit
     u = sim.circuit_unitary(lambda s: sim.apply_controlled(s, sim.PAULI_X, 0, 1, 2), 2)

@@ -93,7 +93,8 @@ def test_merge_is_exact_and_unmerge_restores(tiny_llama_dir, name):  # QUANTUM.m
 
 
 @pytest.mark.parametrize("name", ["tq", "vqc_expval"])
-def test_nonlinear_adapters_refuse_to_merge_and_chat_unmerged(tiny_llama_dir, tmp_path, name, capsys, monkeypatch):  # QUANTUM.md test 6
+def test_nonlinear_adapters_refuse_to_merge_and_chat_unmerged(tiny_llama_dir, tmp_path, name, capsys, monkeypatch):
+    """QUANTUM.md test 6 (merge raises), and the adapter stays usable unmerged."""
     model = adapted(tiny_llama_dir, name)
     with pytest.raises(UserError, match="cannot be merged"):
         merge_and_unload(model)
