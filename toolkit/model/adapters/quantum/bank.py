@@ -3,8 +3,9 @@
 Building U(θ) takes tens of tiny ops; done per adapted layer (64 in a 7B model on q_proj,v_proj) that
 is thousands of kernel launches a step and made vqc 3x slower than LoRA on an H100. A forward pre-hook
 on the module that runs all adapted layers (the decoder) instead stacks every layer's θ and builds all
-unitaries at once; each layer takes its slice. The result is computed outside any layer (so gradient checkpointing recomputes a layer
-without rebuilding it) and afresh on every model forward (so the graph is never reused after backward).
+unitaries at once; each layer takes its slice. The result is computed outside any layer (so gradient
+checkpointing recomputes a layer without rebuilding it) and afresh on every forward of that module (so
+the graph is never reused after backward).
 A layer called outside a model forward sees the last model forward's unitaries; merging builds its own.
 """
 from __future__ import annotations
