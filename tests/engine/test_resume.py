@@ -15,7 +15,7 @@ N, K = 8, 4
 KILLER = f"""
 import os, signal, sys
 from mmengine.hooks import Hook
-import toolkit.cli.train as train
+import toolkit.engine.runner as engine_runner  # tk train imports build_runner from here when it runs
 
 class KillAfterCheckpoint(Hook):
     priority = 'LOWEST'  # after CheckpointHook (VERY_LOW) has written iter_{K}.pth
@@ -24,12 +24,12 @@ class KillAfterCheckpoint(Hook):
         if runner.iter + 1 == {K}:
             os.kill(os.getpid(), signal.SIGKILL)
 
-build = train.build_runner
+build = engine_runner.build_runner
 def build_and_arm(cfg):
     runner = build(cfg)
     runner.register_hook(KillAfterCheckpoint())
     return runner
-train.build_runner = build_and_arm
+engine_runner.build_runner = build_and_arm
 from toolkit.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

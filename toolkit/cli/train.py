@@ -3,12 +3,15 @@ FlexibleRunner; NPROC_PER_NODE=N starts N processes through torchrun (see engine
 from mmengine.config import DictAction
 
 from ..config import load_config, validate_config
-from ..engine import launch
-from ..engine.runner import build_runner, prepare
 from ..engine.strategy import PRESETS, apply_strategy
 
 
 def run(args) -> int:
+    # The engine (mmengine's runner and hooks, and through them transformers' trainer utilities) is
+    # imported here, not at module level: every other tk command starts without it.
+    from ..engine import launch
+    from ..engine.runner import build_runner, prepare
+
     cfg = load_config(args.config, args.cfg_options)
     validate_config(cfg, check_files=True)
     apply_strategy(cfg, deepspeed=args.deepspeed, strategy=args.strategy)  # bad flags fail before launching
