@@ -71,7 +71,7 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
     """Everything is checked (template, system, adapter folder, bits) before weights are read."""
     from ..data.templates import get_template
     from ..model.loader import load_causal_lm, load_tokenizer
-    from ..model.merge import pick_device
+    from ..model.merge import attach_adapter, check_adapter_folder, pick_device, tokenizer_source
 
     defaults = chat_defaults(model, adapter)
     template = template or defaults.get("template")
@@ -79,11 +79,8 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
         raise UserError(f"no prompt template is saved with {adapter or model}; pass --prompt-template NAME")
     get_template(template)
     system = resolve_system(system, system_template, defaults.get("system"))
-    from ..model.adapters import quantum
-    tk_adapter = bool(adapter) and quantum.is_adapter_folder(adapter)  # vqc / tq / quanta: tk's own folder
-    if adapter and not tk_adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json); "
-                        f"pass the folder written by `tk convert pth_to_hf`")
+    if adapter:
+        check_adapter_folder(adapter)
     quantization = quantization_config(bits)
     if quantization is not None and dtype == "auto":
         dtype = "bfloat16"  # the layers bitsandbytes leaves alone, in the dtype its kernels compute in
@@ -91,14 +88,10 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
     llm = load_causal_lm(model, dtype=dtype, quantization_config=quantization)
     if quantization is None:
         llm = llm.to(device)
-    if tk_adapter:
-        llm = quantum.load_adapter(llm, adapter)
-    elif adapter:
-        from peft import PeftModel
-        llm = PeftModel.from_pretrained(llm, str(adapter))
+    if adapter:
+        llm = attach_adapter(llm, adapter)
     llm.eval()
-    tokenizer_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
-    tokenizer = load_tokenizer(tokenizer_src)
+    tokenizer = load_tokenizer(tokenizer_source(model, adapter))
     if name is None:
         name = Path(adapter).name if adapter else (model if model in EMBEDDED_MODELS else Path(model).name)
     return ChatModel(name=name, model=llm, tokenizer=tokenizer, template=template, system=system)

@@ -40,6 +40,9 @@ class ChatSession:
             self.generation.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         self.history: list = []
         self.usage: dict = {}
+        # Stop words never change in a session: split once into single tokens (ended on by id) and
+        # multi-token strings (ended on by text).
+        self._stop_ids, self._stop_strings = self._split_stop_words()
 
     def reset(self) -> None:
         self.history = []
@@ -47,13 +50,15 @@ class ChatSession:
     def stop_words(self) -> list:
         return list(self.template.get("STOP_WORDS", [])) + self.extra_stop_words
 
-    def _stop_token_ids(self) -> list:
-        ids = {self.tokenizer.eos_token_id} - {None}
+    def _split_stop_words(self) -> tuple[list, list]:
+        ids, strings = {self.tokenizer.eos_token_id} - {None}, []
         for word in self.stop_words():
             piece = self.tokenizer(word, add_special_tokens=False)["input_ids"]
             if len(piece) == 1:
                 ids.add(piece[0])
-        return sorted(ids)
+            else:
+                strings.append(word)
+        return sorted(ids), strings
 
     def prompt_ids(self, messages: list) -> list:
         """The token ids the model is given for a conversation that ends with the user's turn."""
@@ -77,7 +82,7 @@ class ChatSession:
                 cancel.set()
 
         streamer = CallbackStreamer(self.tokenizer, forward) if on_text else None
-        stop_strings = [w for w in self.stop_words() if len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) > 1]
+        stop_strings = self._stop_strings
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with self.lock or contextlib.nullcontext():
             was_training = self.model.training
@@ -87,7 +92,7 @@ class ChatSession:
             try:
                 output = self.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                    eos_token_id=self._stop_token_ids(), pad_token_id=pad, use_cache=True,
+                    eos_token_id=self._stop_ids, pad_token_id=pad, use_cache=True,
                     stop_strings=stop_strings or None, tokenizer=self.tokenizer if stop_strings else None,
                     stopping_criteria=StoppingCriteriaList([StopEvent(cancel)]), **self.generation)
             finally:
@@ -98,7 +103,7 @@ class ChatSession:
         reply = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         for word in self.stop_words():
             reply = reply.split(word)[0]
-        hit_limit = bool(new_ids) and len(new_ids) >= self.generation["max_new_tokens"] and new_ids[-1] not in self._stop_token_ids()
+        hit_limit = bool(new_ids) and len(new_ids) >= self.generation["max_new_tokens"] and new_ids[-1] not in self._stop_ids
         self.usage = dict(prompt_tokens=len(prompt), completion_tokens=len(new_ids),
                           finish_reason="length" if hit_limit and not words.stopped else "stop")
         return reply.strip()

@@ -5,7 +5,6 @@ double quotes (\"\"\") opens and closes a block of several lines. EXIT quits, RE
 """
 import sys
 
-from ..chat.loading import chat_defaults  # noqa: F401  (kept importable from here)
 
 BLOCK = '"""'
 HELP = ('tk chat: Enter sends; end a line with \\ to go on, or wrap lines in """; '

@@ -5,6 +5,7 @@ from mmengine.config import DictAction
 
 from ..builder import build
 from ..config import load_config
+from ..data.encode import IGNORE_INDEX
 from ..errors import UserError
 
 SHOWS = ("text", "masked_text", "input_ids", "labels", "all")
@@ -41,7 +42,7 @@ def run(args) -> int:
     print(f"{len(dataset)} samples")
     for index in range(args.index, min(args.index + args.num, len(dataset))):
         sample = dataset[index]
-        trained = sum(label != -100 for label in sample["labels"])
+        trained = sum(label != IGNORE_INDEX for label in sample["labels"])
         print(f"--- sample {index}: {len(sample['input_ids'])} tokens, {trained} trained")
         print("\n".join(describe(sample, tokenizer, args.show)))
     return 0

@@ -9,11 +9,14 @@ from ..engine.strategy import PRESETS, apply_strategy
 def run(args) -> int:
     # The engine (mmengine's runner and hooks, and through them transformers' trainer utilities) is
     # imported here, not at module level: every other tk command starts without it.
+    from mmengine.dist import is_main_process
+
     from ..engine import launch
-    from ..engine.runner import build_runner, prepare
+    from ..engine.runner import adapt_to_device, build_runner, prepare
 
     cfg = load_config(args.config, args.cfg_options)
     validate_config(cfg, check_files=True)
+    adapt_to_device(cfg)  # settle precision first: the DeepSpeed/FSDP settings read the optim wrapper
     apply_strategy(cfg, deepspeed=args.deepspeed, strategy=args.strategy)  # bad flags fail before launching
     code = launch.relaunch(getattr(args, "argv", None) or [])
     if code is not None:
@@ -23,7 +26,7 @@ def run(args) -> int:
     prepare(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed, config_path=args.config)
     runner = build_runner(cfg)
     runner.train()
-    if launch.is_rank_zero():
+    if is_main_process():
         print(f"tk train: done; checkpoints and logs in {runner.work_dir}")
     return 0
 

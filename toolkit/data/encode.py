@@ -106,7 +106,7 @@ def encode_conversations(conversations: list, tokenizer, template: dict, max_len
     a character budget for the tokens it still has room for, and tokenizes them all in one call.
     """
     if is_auto(template):
-        return _encode_with_chat_template(conversations, tokenizer, max_length, system, progress)
+        return _encode_with_chat_template(conversations, tokenizer, max_length, system)
     plans = [conversation_pieces(messages, template, system) for messages in conversations]
     bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -228,7 +228,7 @@ def _chat_spans(messages: list, tokenizer) -> tuple[str, list]:
     return full, spans
 
 
-def _encode_with_chat_template(conversations, tokenizer, max_length, system, progress) -> Encoded:
+def _encode_with_chat_template(conversations, tokenizer, max_length, system) -> Encoded:
     """``template='auto'``: ids are exactly ``apply_chat_template``'s; labels on the assistant spans."""
     if not getattr(tokenizer, "chat_template", None):
         from ..errors import UserError

@@ -113,10 +113,11 @@ def _bad_utf8(text: str) -> BadRecord:
 
 
 def _read_json(path: Path) -> Records:
-    text, has_bad_bytes = _decode(path.read_bytes())
+    raw = path.read_bytes()  # read once: a JSON Lines file is split into lines from these bytes
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"[":  # JSON Lines in a .json file, or a single object
+        return _read_jsonl(raw)
+    text, has_bad_bytes = _decode(raw)
     start = _WHITESPACE.match(text).end()
-    if text[start:start + 1] != "[":  # JSON Lines in a .json file, or a single object
-        return _read_jsonl(path)
     decoder, records, offsets = json.JSONDecoder(), [], []
     end, i = len(text), start + 1
     while True:
@@ -162,8 +163,8 @@ def _line_locator(text: str, offsets: list):
     return where
 
 
-def _read_jsonl(path: Path) -> Records:
-    lines = path.read_bytes().split(b"\n")
+def _read_jsonl(raw: bytes) -> Records:
+    lines = raw.split(b"\n")
     records, line_numbers = [], []
     last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
     for n, line in enumerate(lines):

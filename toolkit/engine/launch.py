@@ -78,14 +78,6 @@ def single_process_group_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 
 @HOOKS.register_module()
 class MeanLossHook(Hook):

@@ -46,7 +46,6 @@ def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None,
     if seed is not None:
         cfg.setdefault("randomness", {})
         cfg.randomness["seed"] = seed
-    adapt_to_device(cfg)
     adapt_to_launch(cfg)
     drop_disabled_validation(cfg)
     return cfg

@@ -21,7 +21,6 @@ from ..errors import UserError
 from ..paths import configs_root
 
 PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
-STRATEGIES = ("deepspeed", "fsdp")
 
 
 def deepspeed_json(name_or_path: str) -> dict:

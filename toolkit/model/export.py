@@ -1,10 +1,10 @@
 """``tk convert pth_to_hf``: a training checkpoint -> an HF adapter folder (or a full HF model folder)."""
 from __future__ import annotations
 
-import pydoc
 from pathlib import Path
 
 from mmengine.config import Config
+from mmengine.registry import MODELS
 
 from ..builder import build
 from ..checkpoint import load_model_state
@@ -22,19 +22,14 @@ def chat_settings(cfg: Config) -> dict:
 
 
 def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
-    from ..model.sft import SupervisedFinetune  # noqa: F401
     if Path(checkpoint).is_dir():  # a --deepspeed run's checkpoint: one folder of ZeRO partitions
         from ..engine.strategy import load_zero_checkpoint
         state = load_zero_checkpoint(checkpoint)
     else:
         state = load_model_state(checkpoint)
-    # One level, as the runner builds it: the model builds its llm and applies its adapter itself
-    # (a registered adapter names its type by string, which the nested builder cannot resolve).
-    model_cfg = dict(cfg.model)
-    kind = model_cfg.pop("type")
-    kind = pydoc.locate(kind) if isinstance(kind, str) else kind  # a dumped config names it by import path
-    model = build({"type": kind, **model_cfg}) if not isinstance(model_cfg.get("adapter"), dict) else \
-        kind(**model_cfg)
+    # Built exactly as the runner builds it: one level (the model builds its llm and applies its adapter
+    # itself), a class or, in a config mmengine dumped, its import path.
+    model = MODELS.build(cfg.model)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise UserError(f"{checkpoint}: {len(result.unexpected_keys)} weights do not belong to the model that "

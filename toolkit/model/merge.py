@@ -21,17 +21,30 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_adapted(base: str, adapter, dtype="auto", device: str = "cpu"):
-    """The base model with the adapter from ``adapter`` (a folder that peft or tk wrote) on top."""
-    from peft import PeftModel
-    adapter = Path(adapter)
-    if quantum.is_adapter_folder(adapter):
-        return quantum.load_adapter(load_causal_lm(base, dtype=dtype).to(device), adapter)
-    if not (adapter / "adapter_config.json").is_file():
+def check_adapter_folder(adapter) -> None:
+    """A folder tk's circuit adapters or peft wrote; anything else is refused before weights load."""
+    if not quantum.is_adapter_folder(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                         f"pass the folder written by `tk convert pth_to_hf`")
-    model = load_causal_lm(base, dtype=dtype)
-    return PeftModel.from_pretrained(model.to(device), str(adapter))
+
+
+def attach_adapter(model, adapter):
+    """``model`` with the adapter folder's weights on top (tk's circuit adapters or peft's)."""
+    if quantum.is_adapter_folder(adapter):
+        return quantum.load_adapter(model, adapter)
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, str(adapter))
+
+
+def tokenizer_source(base: str, adapter=None) -> str:
+    """The tokenizer saved beside the adapter (pth_to_hf writes one), else the base model's."""
+    return str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
+
+
+def load_adapted(base: str, adapter, dtype="auto", device: str = "cpu"):
+    """The base model with the adapter from ``adapter`` (a folder that peft or tk wrote) on top."""
+    check_adapter_folder(adapter)
+    return attach_adapter(load_causal_lm(base, dtype=dtype).to(device), adapter)
 
 
 def merge(base: str, adapter, out, device: str = "auto", max_shard_size: str = "5GB", dtype="auto",
@@ -43,8 +56,7 @@ def merge(base: str, adapter, out, device: str = "auto", max_shard_size: str = "
         quantum.check_mergeable(quantum.read_config(adapter))  # refuse before loading or writing anything
     model = load_adapted(base, adapter, dtype=dtype, device=device)
     merged = quantum.merge_and_unload(model) if tk_adapter else model.merge_and_unload()
-    tokenizer_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
-    tokenizer = load_tokenizer(str(tokenizer_src))
+    tokenizer = load_tokenizer(tokenizer_source(base, adapter))
     with staged_output(out, force) as staging:
         merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(staging))

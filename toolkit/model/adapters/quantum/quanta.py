@@ -73,8 +73,6 @@ def dense(gates, dims):
 
 
 class QuantaDelta(nn.Module):
-    mergeable = True
-
     def __init__(self, in_features: int, out_features: int, dims=None, generator: torch.Generator | None = None):
         super().__init__()
         dims = list(dims) if dims else default_dims(in_features, out_features)

@@ -85,8 +85,6 @@ def measure(state_fn, phi, n: int):
 
 
 class TQDelta(nn.Module):
-    mergeable = False
-
     def __init__(self, in_features: int, out_features: int, n_qubits: int = 8, n_layers: int = 2,
                  alpha: float | None = None):
         super().__init__()

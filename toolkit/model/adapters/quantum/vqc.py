@@ -98,10 +98,6 @@ class VQCDelta(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     @property
-    def mergeable(self) -> bool:
-        return self.readout == "amplitude"
-
-    @property
     def bank_key(self):
         """Circuits with equal keys share one batched unitary build per model forward (bank.py)."""
         return ("vqc", self.n_qubits, self.theta.shape[0]) if self.readout == "amplitude" else None
