@@ -86,6 +86,25 @@ def test_quanta_einsum_golden_and_gate_by_gate_equals_dense():  # QUANTUM.md tes
         torch.testing.assert_close(x @ q.dense(gates, dims).T, by_gate, atol=1e-5, rtol=1e-5)
 
 
+def test_quanta_batched_circuits_equal_the_einsum_per_circuit_with_gradients():
+    """The adapter's path (several circuits in one pass, axes left where the last gate put them)."""
+    torch.manual_seed(0)
+    for dims in ([4, 2, 3, 2], [16, 8, 8, 4], [2, 3, 4, 5, 2]):
+        sets = [[(torch.randn(dims[b], dims[a], dims[b], dims[a]) / 8).requires_grad_()
+                 for a, b in q.axis_pairs(len(dims))] for _ in range(3)]
+        x = torch.randn(2, 3, math.prod(dims), requires_grad=True)
+        both = q.circuits(x, [torch.stack(gs) for gs in zip(*sets)], dims)
+        assert both.shape == (3, 2, 3, math.prod(dims))
+        for got, gates in zip(both, sets):
+            torch.testing.assert_close(got, q.circuit(x, gates, dims), atol=1e-4, rtol=1e-4)
+        weights = torch.randn_like(both)
+        fast = torch.autograd.grad((both * weights).sum(), [x, *sets[1]])
+        slow = torch.autograd.grad(sum((q.circuit(x, gates, dims) * w).sum() for gates, w in zip(sets, weights)),
+                                   [x, *sets[1]])
+        for f, s in zip(fast, slow):
+            torch.testing.assert_close(f, s, atol=1e-3, rtol=1e-4)
+
+
 def test_quanta_first_gate_acts_on_last_two_axes():
     dims = [2, 3, 4]
     gates = [torch.zeros(dims[b], dims[a], dims[b], dims[a]) for a, b in q.axis_pairs(3)]

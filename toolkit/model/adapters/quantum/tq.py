@@ -18,12 +18,14 @@ from .bank import bank_unitary
 def encode(phi):
     """ψ_enc = ⊗_k (cos φ_k/2, sin φ_k/2): [..., n] -> [..., 2^n] (real), wire 0 the most significant.
 
-    Amplitude j is the product over wires of cos or sin by bit k of j: one gather and one product.
+    Built wire by wire as outer products (n-1 broadcast multiplies). A gather and ``prod`` over wires gave the
+    same numbers, but ``prod``'s backward looks for zeros with a host sync, which stalled every GPU step.
     """
-    n = phi.shape[-1]
-    wires = torch.stack([torch.cos(phi / 2), torch.sin(phi / 2)], -1)               # [..., n, 2]
-    index = sim.bits(n, phi.device).long().T.expand(*phi.shape[:-1], n, 2 ** n)      # [..., n, 2^n]
-    return torch.gather(wires, -1, index).prod(-2)
+    halves = torch.stack([torch.cos(phi / 2), torch.sin(phi / 2)], -1)             # [..., n, 2]
+    psi = halves[..., 0, :]
+    for k in range(1, phi.shape[-1]):
+        psi = (psi.unsqueeze(-1) * halves[..., k, None, :]).flatten(-2)
+    return psi
 
 
 def real_form(u):

@@ -63,23 +63,30 @@ def vqc_expval(phi, theta, n: int):
 
     Building U costs L·8^n (n=10: 10 complex 1024³ matmuls a layer); on the states each RY layer is
     two small Kronecker factors (2^(n/2) each) and each CRZ ring an elementwise phase: T·L·2^n·2^(n/2+1).
+    All in real arithmetic: the encoded state and the RY factors are real, so the state is kept as
+    [Re; Im] (Im zero, and left out, until the first phase) and only the phases mix the two halves.
     """
     first, second = ring_pairs(n)
     half = n // 2
     rot = sim.ry(theta[:, 0::2])                                                # [L, 2, n, 2, 2]
-    ka = sim.kron_all(rot[..., :half, :, :]).to(sim.CDTYPE)                     # [L, 2, 2^half, 2^half]
-    kb = sim.kron_all(rot[..., half:, :, :]).to(sim.CDTYPE)
+    ka, kb = sim.kron_all(rot[..., :half, :, :]), sim.kron_all(rot[..., half:, :, :])  # [L, 2, 2^half, ...]
     phases = torch.stack([sim.crz_phases(n, first, theta.device) @ theta[:, 1].T,
                           sim.crz_phases(n, second, theta.device) @ theta[:, 3].T], 0).permute(2, 0, 1)
-    diag = torch.polar(torch.ones_like(phases), phases)                         # [L, 2, 2^n]
-    psi = encode(phi).to(sim.CDTYPE)
+    grid = (2 ** half, 2 ** (n - half))
+    cos, sin = torch.cos(phases).unflatten(-1, grid), torch.sin(phases).unflatten(-1, grid)  # [L, 2, a, b]
+    psi = encode(phi)
     shape = psi.shape
-    psi = psi.reshape(-1, 2 ** half, 2 ** (n - half))
+    psi = psi.reshape(1, -1, *grid)                                             # [Re] or [Re, Im], tokens, a, b
     for layer in range(theta.shape[0]):
         for sub in range(2):
-            psi = torch.einsum("tab,ia,jb->tij", psi, ka[layer, sub], kb[layer, sub])
-            psi = psi * diag[layer, sub].reshape(1, 2 ** half, 2 ** (n - half))
-    prob = psi.real ** 2 + psi.imag ** 2
+            psi = torch.einsum("ztab,ia,jb->ztij", psi, ka[layer, sub], kb[layer, sub])
+            c, s = cos[layer, sub], sin[layer, sub]
+            if psi.shape[0] == 1:
+                psi = torch.cat([psi * c, psi * s])
+            else:
+                re, im = psi
+                psi = torch.stack([re * c - im * s, re * s + im * c])
+    prob = psi.square().sum(0)
     return prob.reshape(shape) @ sim.z_signs(n, phi.device)
 
 
