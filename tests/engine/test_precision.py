@@ -27,6 +27,25 @@ def test_amp_dtype_picks_the_wrapper(monkeypatch, cuda, dtype, expected):
     assert cfg.optim_wrapper.get("dtype") == (dtype if expected == "AmpOptimWrapper" else None)
 
 
+@pytest.mark.parametrize("adapter", [None, {"type": "LoraConfig"}])
+def test_bf16_weights_full_finetune_use_the_plain_wrapper(monkeypatch, adapter):
+    """AMP's gradient scaler cannot unscale bf16 gradients (it crashed 7B full fine-tuning on the H100)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = wrapper_cfg("bfloat16")
+    cfg.model = dict(llm=dict(dtype="torch.bfloat16"), adapter=adapter)
+    adapt_to_device(cfg)
+    assert cfg.optim_wrapper["type"] == ("OptimWrapper" if adapter is None else "AmpOptimWrapper")
+
+
+def test_fp16_weights_full_finetune_under_amp_is_refused(monkeypatch):
+    from toolkit.errors import UserError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = wrapper_cfg("float16")
+    cfg.model = dict(llm=dict(dtype="float16"), adapter=None)
+    with pytest.raises(UserError, match="model.llm.dtype='float16'"):
+        adapt_to_device(cfg)
+
+
 def test_shipped_settings_are_wired():
     cfg = load_config("smollm2_135m_instruct_lora_champ_e3")
     assert cfg.model.gradient_checkpointing is cfg.gradient_checkpointing is False

@@ -19,7 +19,7 @@ pytestmark = [needs_cuda, pytest.mark.skipif(not (Path(MODEL) / "config.json").i
 
 
 @pytest.mark.parametrize("method,steps,optimizer,precision", [("qlora", 8, None, "bf16"), ("lora", 6, None, "bf16"),
-                                                              ("full", 4, "paged_adamw_8bit", "fp32")])
+                                                              ("full", 4, "paged_adamw_8bit", "bf16")])
 def test_7b_trains(method, steps, optimizer, precision, tmp_path):
     text = tk_config(MODEL, method, seq=2048, bs=1, steps=steps, warmup=2, vocab=32000, optimizer=optimizer,
                      precision=precision, dtype="bfloat16", log_interval=1)

@@ -13,19 +13,41 @@ from ..checkpoint import allow_mmengine_checkpoints
 from ..errors import UserError
 
 
+def _half_precision_weights(cfg: Config) -> str | None:
+    """'bfloat16' / 'float16' when every trained weight is loaded in that dtype (full fine-tuning of a
+    model loaded in half precision), else None."""
+    model = cfg.get("model") or {}
+    llm = model.get("llm") if isinstance(model, dict) else None
+    if not isinstance(llm, dict) or model.get("adapter") is not None:
+        return None
+    name = str(llm.get("dtype", "")).replace("torch.", "")
+    return name if name in ("bfloat16", "float16") else None
+
+
 def adapt_to_device(cfg: Config) -> None:
-    """On a machine without CUDA, mixed precision falls back to fp32 (mmengine's AMP wrapper needs a GPU);
-    so does ``dtype=None`` (the config's ``amp_dtype = None``), which mmengine would read as fp16."""
+    """Settle the optim wrapper for this machine and model.
+
+    Without CUDA, mixed precision falls back to fp32 (mmengine's AMP wrapper needs a GPU); so does
+    ``dtype=None`` (the config's ``amp_dtype = None``), which mmengine would read as fp16. Full fine-tuning
+    of weights loaded in bf16 trains them in bf16 with the plain wrapper: AMP would add nothing, and its
+    gradient scaler cannot unscale bf16 gradients. fp16 weights cannot be trained that way at all.
+    """
     from mmengine.optim import AmpOptimWrapper
     wrapper = cfg.optim_wrapper
-    if wrapper.get("type") not in (AmpOptimWrapper, "AmpOptimWrapper") or \
-            (torch.cuda.is_available() and wrapper.get("dtype", "float16") is not None):
+    if wrapper.get("type") not in (AmpOptimWrapper, "AmpOptimWrapper"):
+        return
+    half = _half_precision_weights(cfg)
+    if half == "float16":
+        raise UserError("model.llm.dtype='float16' with full fine-tuning under AmpOptimWrapper: fp16 weights cannot "
+                        "be trained with a gradient scaler; load them in 'float32' (mixed precision) or 'bfloat16'")
+    if torch.cuda.is_available() and wrapper.get("dtype", "float16") is not None and half is None:
         return
     wrapper["type"] = "OptimWrapper"  # a name, not the class: the config must stay dumpable as text
     for key in ("dtype", "loss_scale"):
         wrapper.pop(key, None)
-    reason = "amp_dtype is None" if torch.cuda.is_available() else "no CUDA device"
-    print_log(f"{reason}: training in fp32 with OptimWrapper instead of AmpOptimWrapper", logger="current")
+    reason = ("the weights are bf16 (model.llm.dtype)" if half else
+              "amp_dtype is None" if torch.cuda.is_available() else "no CUDA device")
+    print_log(f"{reason}: training with OptimWrapper instead of AmpOptimWrapper", logger="current")
 
 
 def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None, seed: int | None = None,
