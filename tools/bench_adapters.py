@@ -90,6 +90,22 @@ def time_steps(model, args):
     return sorted(times)[len(times) // 2], loss.item()
 
 
+def profile_step(model, args, rows: int):
+    """One more step under torch.profiler: the ops that take the most device time (what to fix first)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    with profile(activities=activities) as prof:
+        with torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype),
+                            enabled=args.dtype != "float32"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        sync(args.device)
+    key = "device_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
+    model.zero_grad(set_to_none=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results JSON")
@@ -109,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile one step per method and print the ROWS costliest ops")
     args = p.parse_args(argv)
     if args.quanta_dims is None and args.hidden == 4096:
         args.quanta_dims = [16, 8, 8, 4]
@@ -122,6 +140,8 @@ def main(argv=None) -> int:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         step_s, loss = time_steps(model, args)
+        if args.profile:
+            profile_step(model, args, args.profile)
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
         results["methods"][method] = dict(step_s=step_s, trainable_params=trainable, peak_mem_gib=peak, loss=loss)
         model = unadapt(model, method)

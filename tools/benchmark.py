@@ -74,7 +74,7 @@ optim_wrapper = dict(
 param_scheduler = []
 train_cfg = dict(type=TrainLoop, max_iters={steps})
 
-custom_hooks = [dict(type=BenchmarkHook, warmup={warmup}{peak})]
+custom_hooks = [dict(type=BenchmarkHook, warmup={warmup}{peak}, profile_rows={profile_rows})]
 default_hooks = dict(timer=dict(type=IterTimerHook), logger=dict(type=LoggerHook, interval={log_interval}),
                      param_scheduler=dict(type=ParamSchedulerHook), checkpoint={checkpoint})
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl'))
@@ -99,7 +99,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               samples: int | None = None, distinct: int | None = None, seed: int = 0, world_size: int = 1,
               clip: float | None = 1.0,
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
-              dtype: str | None = None) -> str:
+              dtype: str | None = None, profile_rows: int = 0) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
     adapter = "None" if method == "full" else (
@@ -118,7 +118,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         wrapper="AmpOptimWrapper" if amp else "OptimWrapper", optimizer=optimizer_name, lr=lr,
         clip=f"dict(max_norm={clip})" if clip else "None", accum=accum,
         amp=f", dtype='{'bfloat16' if precision == 'bf16' else 'float16'}'" if amp else "",
-        steps=steps, warmup=warmup, optimizer_import=optimizer_import,
+        steps=steps, warmup=warmup, optimizer_import=optimizer_import, profile_rows=profile_rows,
         peak=f", peak_tflops={peak_tflops}" if peak_tflops else "", log_interval=log_interval,
         checkpoint=("None" if not save_every else
                     f"dict(type='CheckpointHook', by_epoch=False, interval={save_every}, max_keep_ckpts=1)"))
@@ -148,15 +148,37 @@ class BenchmarkHook(Hook):
 
     priority = "VERY_LOW"
 
-    def __init__(self, warmup: int = 5, peak_tflops: float | None = None, out_file: str = "throughput.json"):
+    def __init__(self, warmup: int = 5, peak_tflops: float | None = None, out_file: str = "throughput.json",
+                 profile_rows: int = 0):
         self.warmup, self.peak_tflops, self.out_file = warmup, peak_tflops, out_file
         self.tokens, self.start, self.seq_len = 0, None, 0
+        self.profile_rows, self.profiler = profile_rows, None
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        """With ``profile_rows``, the last warm-up iteration runs under torch.profiler (outside the timed window)."""
+        if self.profile_rows and runner.iter + 1 == self.warmup:
+            from torch.profiler import ProfilerActivity, profile
+            self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+            self.profile_start = time.perf_counter()
+
+    def _print_profile(self) -> None:
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.profile_start
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        print_log(f"profile of one step: wall {wall:.3f} s, GPU busy {busy:.3f} s (sum of kernel time)\n"
+                  + events.table(sort_by="self_device_time_total", row_limit=self.profile_rows), logger="current")
+        self.profiler = None
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize()
         done = runner.iter + 1
+        if self.profiler is not None:
+            self._print_profile()
         if done == self.warmup:
             self.start, self.tokens = time.perf_counter(), 0
             if cuda:
@@ -232,7 +254,7 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
     cfg = work / f"bench_{method}.py"
     cfg.write_text(tk_config(args.model, method, args.seq, args.bs, args.steps, args.warmup, vocab,
                              gc=not args.no_gc, world_size=args.nproc, peak_tflops=args.peak_tflops,
-                             optimizer=args.tk_optimizer))
+                             optimizer=args.tk_optimizer, profile_rows=args.profile))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
     if args.deepspeed:
         command += ["--deepspeed", args.deepspeed]
@@ -292,6 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tk-optimizer", help="tk's optimizer (default: the baseline's)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="profile tk's last warm-up step; its log shows the ROWS costliest GPU ops")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
 
