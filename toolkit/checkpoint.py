@@ -40,13 +40,14 @@ def load_checkpoint(path) -> dict:
     """The whole checkpoint dict of an mmengine ``.pth`` file, loaded with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist; give an iter_N.pth file from the run's work dir")
     allow_mmengine_checkpoints()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""
+        raise UserError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {reason}); give an iter_N.pth "
+                        f"that tk train wrote") from None
 
 
 def load_model_state(path) -> dict:

@@ -13,8 +13,15 @@ COMMANDS = (list_cfg, copy_cfg, train, convert, chat, web, serve, list_dataset_f
             log_dataset, compare)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A command-line mistake is one line too (argparse prints the whole usage first): what, and where to look."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} -h`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tk", description="Fine-tune LLMs from one Python config file.")
+    parser = _OneLineParser(prog="tk", description="Fine-tune LLMs from one Python config file.")
     parser.add_argument("--version", action="version", version=f"tk {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:

@@ -1,8 +1,6 @@
 """tk train CFG: train with the mmengine Runner on CPU or GPUs; --deepspeed / --strategy fsdp use the
 FlexibleRunner; NPROC_PER_NODE=N starts N processes through torchrun (see engine/launch.py)."""
-from mmengine.config import DictAction
-
-from ..config import load_config, validate_config
+from ..config import CfgOptions, load_config, validate_config
 from ..engine.strategy import PRESETS, apply_strategy
 
 
@@ -11,7 +9,7 @@ def run(args) -> int:
     # imported here, not at module level: every other tk command starts without it.
     from mmengine.dist import is_main_process
 
-    from ..engine import launch
+    from ..engine import launch, preflight
     from ..engine.runner import adapt_to_device, build_runner, prepare
 
     cfg = load_config(args.config, args.cfg_options)
@@ -24,7 +22,12 @@ def run(args) -> int:
     if args.deepspeed or args.strategy:
         launch.single_process_group_env()
     prepare(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed, config_path=args.config)
+    datasets = preflight.build_datasets(cfg)  # a data mistake is reported before the work dir is made
+    preflight.check_work_dir(cfg.work_dir)
     runner = build_runner(cfg)
+    preflight.hand_to_runner(runner, datasets)
+    if is_main_process():
+        preflight.check_free_space(runner.work_dir, preflight.checkpoint_bytes(runner.model))
     runner.train()
     if is_main_process():
         print(f"tk train: done; checkpoints and logs in {runner.work_dir}")
@@ -35,7 +38,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train from a config")
     parser.add_argument("config", help="config file or shipped config name")
     parser.add_argument("--work-dir", help="where checkpoints and logs go (default work_dirs/CONFIG_NAME)")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+    parser.add_argument("--cfg-options", nargs="+", action=CfgOptions, metavar="KEY=VALUE",
                         help="override config settings, e.g. train_cfg.max_epochs=1")
     parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the latest one")
     parser.add_argument("--seed", type=int, help="random seed (each rank of a multi-GPU run adds its rank)")

@@ -88,8 +88,11 @@ def load_records(source, tolerant: bool = False) -> Records:
             raise UserError(f"{path}: unsupported data file type '{path.suffix}'; "
                             f"use one of {', '.join(s for s in sorted(FILE_BUILDERS) if s)} or a folder")
         if path.stat().st_size == 0:
-            raise UserError(f"{path}: the data file is empty")
+            raise UserError(f"{path}: the data file is empty; check the path, or add records to it")
         records = _FILE_READERS[kind](path)
+    if not records:
+        raise UserError(f"{path}: the {'folder' if path.is_dir() else 'file'} holds no records; "
+                        f"check the path, or add records to it")
     if not tolerant:
         for index, record in enumerate(records):
             if isinstance(record, BadRecord):
@@ -209,7 +212,7 @@ def _read_yaml(path: Path) -> Records:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
-                        f"{getattr(exc, 'problem', None) or exc}") from None
+                        f"{getattr(exc, 'problem', None) or exc}; fix the file there") from None
     if isinstance(document, dict) and isinstance(document.get("conversations"), list):
         categories = document.get("categories") or []
         return Records([{"dialog": dialog, "categories": categories} for dialog in document["conversations"]],

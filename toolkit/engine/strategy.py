@@ -31,7 +31,7 @@ def deepspeed_json(name_or_path: str) -> dict:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise UserError(f"--deepspeed {name_or_path}: neither a preset ({', '.join(PRESETS)}) "
-                            f"nor an existing JSON file")
+                            f"nor an existing JSON file; use a preset or check the path")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -9,7 +9,7 @@ from mmengine.registry import MODELS
 from ..builder import build
 from ..checkpoint import load_model_state
 from ..errors import UserError
-from ..outputs import staged_output
+from ..outputs import check_writable_output, staged_output
 from .adapters.quantum import is_adapter_model, save_adapter
 from .meta import write_meta
 
@@ -22,6 +22,7 @@ def chat_settings(cfg: Config) -> dict:
 
 
 def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
+    check_writable_output(out, force)  # before any weights load
     if Path(checkpoint).is_dir():  # a --deepspeed run's checkpoint: one folder of ZeRO partitions
         from ..engine.strategy import load_zero_checkpoint
         state = load_zero_checkpoint(checkpoint)
