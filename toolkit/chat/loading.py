@@ -72,6 +72,7 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
     from ..data.templates import get_template
     from ..model.loader import load_causal_lm, load_tokenizer
     from ..model.merge import attach_adapter, check_adapter_folder, pick_device, tokenizer_source
+    from ..multimodal.export import load_multimodal, multimodal_folder
 
     defaults = chat_defaults(model, adapter)
     template = template or defaults.get("template")
@@ -79,17 +80,23 @@ def load_chat_model(model: str, adapter: str | None = None, template: str | None
         raise UserError(f"no prompt template is saved with {adapter or model}; pass --prompt-template NAME")
     get_template(template)
     system = resolve_system(system, system_template, defaults.get("system"))
-    if adapter:
+    multimodal = multimodal_folder(adapter, model)  # a vision encoder + projector + LLM (tk_multimodal.json)
+    if adapter and multimodal is None:
         check_adapter_folder(adapter)
+    if multimodal is not None and bits is not None:
+        raise UserError(f"--bits is not supported for the multimodal model in {multimodal}; leave it out")
     quantization = quantization_config(bits)
     if quantization is not None and dtype == "auto":
         dtype = "bfloat16"  # the layers bitsandbytes leaves alone, in the dtype its kernels compute in
     device = pick_device(device)
-    llm = load_causal_lm(model, dtype=dtype, quantization_config=quantization)
-    if quantization is None:
-        llm = llm.to(device)
-    if adapter:
-        llm = attach_adapter(llm, adapter)
+    if multimodal is not None:
+        llm = load_multimodal(model, adapter, dtype=dtype, device=device)
+    else:
+        llm = load_causal_lm(model, dtype=dtype, quantization_config=quantization)
+        if quantization is None:
+            llm = llm.to(device)
+        if adapter:
+            llm = attach_adapter(llm, adapter)
     llm.eval()
     tokenizer = load_tokenizer(tokenizer_source(model, adapter))
     if name is None:

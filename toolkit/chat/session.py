@@ -64,13 +64,22 @@ class ChatSession:
         """The token ids the model is given for a conversation that ends with the user's turn."""
         return prompt_for_generation(messages, self.tokenizer, self.template, system=self.system)
 
+    def prompt_inputs(self, messages: list) -> tuple[list, dict]:
+        """``prompt_ids`` and what else ``generate`` needs: a multimodal model gets the pictures that
+        ``<img>path</img>`` spans in the messages name."""
+        from ..multimodal.chat import image_prompt, is_multimodal
+        if is_multimodal(self.model):
+            return image_prompt(self.model, messages, self.tokenizer, self.template, self.system)
+        return self.prompt_ids(messages), {}
+
     @torch.no_grad()
     def reply_to(self, messages: list, on_text: Callable[[str], None] | None = None,
                  cancel: threading.Event | None = None) -> str:
         """The reply to ``messages`` (history is neither read nor changed). ``on_text`` gets it in pieces."""
-        prompt = self.prompt_ids(messages)
+        prompt, extra = self.prompt_inputs(messages)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([prompt], device=device)
+        extra = {key: value.to(device) for key, value in extra.items()}
         cancel = cancel or threading.Event()
         words = StopWordFilter(self.stop_words())
 
@@ -94,7 +103,7 @@ class ChatSession:
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                     eos_token_id=self._stop_ids, pad_token_id=pad, use_cache=True,
                     stop_strings=stop_strings or None, tokenizer=self.tokenizer if stop_strings else None,
-                    stopping_criteria=StoppingCriteriaList([StopEvent(cancel)]), **self.generation)
+                    stopping_criteria=StoppingCriteriaList([StopEvent(cancel)]), **extra, **self.generation)
             finally:
                 self.model.train(was_training)
         if on_text and (tail := words.flush().rstrip()):

@@ -4,6 +4,7 @@ Enter sends a message. A line ending in a backslash continues on the next line, 
 double quotes (\"\"\") opens and closes a block of several lines. EXIT quits, RESET clears the history.
 """
 import sys
+from pathlib import Path
 
 
 BLOCK = '"""'
@@ -47,9 +48,19 @@ def piped_read(prompt: str):
 def run(args) -> int:
     from ..chat.loading import load_chat_model
     from ..chat.session import ChatSession
+    from ..errors import UserError
+    from ..multimodal.chat import is_multimodal, picture_prefix
+    from ..multimodal.images import ImageError
 
+    images = list(args.image or [])
+    for path in images:
+        if not Path(path).expanduser().is_file():
+            raise UserError(f"--image {path}: no such file")
     loaded = load_chat_model(args.model, args.adapter, template=args.prompt_template, system=args.system,
                              system_template=args.system_template, bits=args.bits)
+    if images and not is_multimodal(loaded.model):
+        raise UserError(f"--image: {args.adapter or args.model} has no vision encoder (no tk_multimodal.json); "
+                        f"use a folder converted from a multimodal config")
     if args.seed is not None:
         from transformers import set_seed
         set_seed(args.seed)
@@ -70,6 +81,8 @@ def run(args) -> int:
             continue
         if not command:
             continue
+        if images:  # the pictures of --image go with the first message
+            text, images = picture_prefix(images) + text, []
         try:
             if args.no_streamer:
                 print(session.ask(text), flush=True)
@@ -78,6 +91,8 @@ def run(args) -> int:
                 print(flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops this reply (it is left out of the history), not the chat
             print("\n(reply stopped)", flush=True)
+        except ImageError as exc:  # a picture named in the message: say so and keep chatting
+            print(f"tk chat: {exc}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -108,4 +123,7 @@ def register(subparsers) -> None:
                         help="another string that ends a reply (repeatable; the template's own always apply)")
     parser.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
     parser.add_argument("--no-streamer", action="store_true", help="print each reply whole, not as it is made")
+    parser.add_argument("--image", action="append", metavar="PATH",
+                        help="a picture for the first message (repeatable; multimodal models). In any message, "
+                             "<img>PATH</img> shows the model a picture too")
     parser.set_defaults(func=run)

@@ -4,13 +4,18 @@ from ..config import load_config
 
 def run_pth_to_hf(args) -> int:
     from ..model.export import pth_to_hf
-    out = pth_to_hf(load_config(args.config), args.checkpoint, args.out, force=args.force)
+    from ..multimodal.export import is_multimodal_config, pth_to_hf_multimodal
+    cfg = load_config(args.config)
+    convert = pth_to_hf_multimodal if is_multimodal_config(cfg) else pth_to_hf
+    out = convert(cfg, args.checkpoint, args.out, force=args.force)
     print(f"saved to {out}")
     return 0
 
 
 def run_merge(args) -> int:
     from ..model.merge import merge
+    from ..multimodal.export import merge_multimodal, multimodal_folder
+    merge = merge_multimodal if multimodal_folder(args.adapter) else merge
     out = merge(args.base, args.adapter, args.out, device=args.device, max_shard_size=args.max_shard_size,
                 dtype=args.dtype, force=args.force)
     print(f"merged model saved to {out}")

@@ -6,7 +6,9 @@ the end-of-sequence marker, the EOS token. System prompt, user turns, SEP and th
 is kept as context but not trained.
 
 ``conversation_pieces`` turns a conversation into ``(text, trained)`` pieces (pure, no tokenizer); every
-piece is tokenized on its own. ``encode_conversation`` does that for one conversation,
+piece is tokenized on its own.
+Multimodal text marks each picture with ``IMAGE``; with ``image_tokens=(id, n)`` every mark becomes ``n``
+placeholder ids (never trained), which the model replaces by the picture's projected features. ``encode_conversation`` does that for one conversation,
 ``encode_conversations`` for many at once: the pieces of a whole batch go to the Rust tokenizer in one
 call (it runs them in parallel), and pieces past ``max_length`` are never tokenized. Both assemble the
 same pieces the same way, so their ids and labels are identical (tests/data check it on real data).
@@ -23,6 +25,8 @@ from .templates import is_auto
 
 IGNORE_INDEX = -100
 EOS = None  # the piece that stands for the tokenizer's EOS token
+IMAGE = "\ue000"  # marks a picture's place in message text (toolkit/multimodal puts it there)
+IMAGE_PIECE = ("image",)  # the piece that stands for one picture's placeholder tokens
 _CHARS_PER_TOKEN = 4  # a guess that only decides how many pieces a round tokenizes, never the result
 
 
@@ -68,14 +72,30 @@ def conversation_pieces(messages: list, template: dict, system: str | None = Non
     return [(text, trained) for text, trained in pieces if text != ""]
 
 
+def split_image_pieces(plan: list) -> list:
+    """Pieces with every ``IMAGE`` mark cut out as an untrained ``IMAGE_PIECE`` of its own."""
+    out = []
+    for text, trained in plan:
+        if text is EOS or IMAGE not in text:
+            out.append((text, trained))
+            continue
+        for k, part in enumerate(text.split(IMAGE)):
+            if k:
+                out.append((IMAGE_PIECE, False))
+            if part:
+                out.append((part, trained))
+    return out
+
+
 def encode_conversation(messages: list, tokenizer, template: dict, max_length: int,
-                        system: str | None = None) -> dict:
+                        system: str | None = None, image_tokens: tuple | None = None) -> dict:
     """Encode one unified conversation.
 
     Returns ``{"input_ids": [...], "labels": [...], "num_trained": n}``, truncated to ``max_length``;
     ``num_trained`` is 0 when truncation (or ``loss: False`` everywhere) left nothing to learn.
     """
-    encoded = encode_conversations([messages], tokenizer, template, max_length, system=system, progress=False)
+    encoded = encode_conversations([messages], tokenizer, template, max_length, system=system, progress=False,
+                                   image_tokens=image_tokens)
     return encoded.sample(0)
 
 
@@ -99,23 +119,30 @@ class Encoded:
 
 
 def encode_conversations(conversations: list, tokenizer, template: dict, max_length: int,
-                         system: str | None = None, progress: bool = True) -> Encoded:
+                         system: str | None = None, progress: bool = True,
+                         image_tokens: tuple | None = None) -> Encoded:
     """Encode many conversations, each truncated to ``max_length`` tokens (exactly as one at a time).
 
     Pieces are tokenized in rounds: each round takes, per unfinished conversation, the next pieces up to
     a character budget for the tokens it still has room for, and tokenizes them all in one call.
     """
     if is_auto(template):
+        if image_tokens:
+            from ..errors import UserError
+            raise UserError("conversations with pictures need a named template, not template='auto'")
         return _encode_with_chat_template(conversations, tokenizer, max_length, system)
     plans = [conversation_pieces(messages, template, system) for messages in conversations]
     bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    fixed = {EOS: [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]}
+    if image_tokens:
+        plans = [split_image_pieces(plan) for plan in plans]
+        fixed[IMAGE_PIECE] = [image_tokens[0]] * image_tokens[1]
     tokens = [[None] * len(plan) for plan in plans]
     count = [len(bos)] * len(plans)
     done = [0] * len(plans)  # pieces tokenized so far, per conversation
     active = [c for c in range(len(plans)) if plans[c] and count[c] < max_length]
     with _large_word_cache(tokenizer, enabled=len(plans) > 1):
-        _tokenize_in_rounds(plans, tokens, count, done, active, tokenizer, eos, max_length, progress)
+        _tokenize_in_rounds(plans, tokens, count, done, active, tokenizer, fixed, max_length, progress)
     flat_ids, flat_labels, offsets = [], [], [0]
     for c, plan in enumerate(plans):
         ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
@@ -129,16 +156,17 @@ def encode_conversations(conversations: list, tokenizer, template: dict, max_len
     return _pack_arrays(flat_ids, flat_labels, offsets)
 
 
-def _tokenize_in_rounds(plans, tokens, count, done, active, tokenizer, eos, max_length, progress) -> None:
-    """Fill ``tokens[c][i]`` for the pieces of each conversation that fit in ``max_length`` (see above)."""
+def _tokenize_in_rounds(plans, tokens, count, done, active, tokenizer, fixed, max_length, progress) -> None:
+    """Fill ``tokens[c][i]`` for the pieces of each conversation that fit in ``max_length`` (see above);
+    ``fixed`` gives the ids of the pieces that are not text (EOS, pictures)."""
     while active:
         ends, texts = {}, {}
         for c in active:
             plan, i, budget = plans[c], done[c], (max_length - count[c]) * _CHARS_PER_TOKEN
             while i < len(plan) and budget > 0:
                 text = plan[i][0]
-                budget -= _CHARS_PER_TOKEN if text is EOS else len(text)
-                if text is not EOS:
+                budget -= _CHARS_PER_TOKEN * max(1, len(fixed[text])) if text in fixed else len(text)
+                if text not in fixed:
                     texts.setdefault(text, len(texts))
                 i += 1
             ends[c] = i
@@ -147,7 +175,7 @@ def _tokenize_in_rounds(plans, tokens, count, done, active, tokenizer, eos, max_
         for c in active:
             for i in range(done[c], ends[c]):
                 text = plans[c][i][0]
-                tokens[c][i] = eos if text is EOS else ids_of[texts[text]]
+                tokens[c][i] = fixed[text] if text in fixed else ids_of[texts[text]]
                 count[c] += len(tokens[c][i])
             done[c] = ends[c]
             if done[c] < len(plans[c]) and count[c] < max_length:
@@ -254,7 +282,8 @@ def _encode_with_chat_template(conversations, tokenizer, max_length, system) -> 
     return _pack_arrays(flat_ids, flat_labels, offsets)
 
 
-def prompt_for_generation(messages: list, tokenizer, template: dict, system: str | None = None) -> list:
+def prompt_for_generation(messages: list, tokenizer, template: dict, system: str | None = None,
+                          image_tokens: tuple | None = None) -> list:
     """Token ids of a conversation that ends with the user's turn: exactly the prompt the model saw in
     training before a reply (the INSTRUCTION ends where the assistant starts)."""
     if not messages or messages[-1]["role"] != "user":
@@ -265,4 +294,5 @@ def prompt_for_generation(messages: list, tokenizer, template: dict, system: str
         clean = [{"role": m["role"], "content": m["content"]} for m in messages]
         out = tokenizer.apply_chat_template(clean, tokenize=True, add_generation_prompt=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return encode_conversation(messages, tokenizer, template, max_length=10**9, system=system)["input_ids"]
+    return encode_conversation(messages, tokenizer, template, max_length=10**9, system=system,
+                               image_tokens=image_tokens)["input_ids"]
