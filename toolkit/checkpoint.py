@@ -8,6 +8,10 @@ resume (which calls ``torch.load`` with torch's safe default) then works too.
 """
 from __future__ import annotations
 
+import functools
+import os
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +57,113 @@ def load_checkpoint(path) -> dict:
 def load_model_state(path) -> dict:
     checkpoint = load_checkpoint(path)
     return checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+
+
+# ---- crash safety: a checkpoint is complete or absent ----------------------------------------------------
+
+def partial_name(filename: str) -> str:
+    """The temporary name a checkpoint is written under, in the same folder, until it is complete."""
+    return f".{filename}.partial-{os.getpid()}"
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Flush ``partial`` to disk and rename it to ``final`` (one atomic step on a POSIX file system)."""
+    if partial.is_file():
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(partial, final)
+
+
+def write_text_atomically(path, text: str) -> None:
+    path = Path(path)
+    partial = path.with_name(partial_name(path.name))
+    partial.write_text(text)
+    publish(partial, path)
+
+
+def is_complete(path) -> bool:
+    """Whether a checkpoint file is whole: torch.save writes a zip, whose directory comes last."""
+    path = Path(path)
+    return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path))
+
+
+def latest_complete_checkpoint(work_dir) -> Path | None:
+    """What ``--resume auto`` resumes from: the checkpoint ``last_checkpoint`` names when it is complete,
+    else the newest complete ``iter_N.pth`` / ``epoch_N.pth`` (a run killed by an older tk, or by a
+    full disk, may have left a cut one)."""
+    work_dir = Path(work_dir)
+    pointer = work_dir / "last_checkpoint"
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    if named and is_complete(named):
+        return Path(named)
+    numbered = []
+    for candidate in work_dir.glob("*_*.pth"):
+        match = re.fullmatch(r"(iter|epoch)_(\d+)\.pth", candidate.name)
+        if match:
+            numbered.append((int(match.group(2)), candidate))
+    for _, candidate in sorted(numbered, reverse=True):
+        if is_complete(candidate):
+            return candidate
+    return None
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path)
+
+
+class AtomicCheckpoints:
+    """Runner mixin: ``save_checkpoint`` writes under a temporary name and renames when complete."""
+
+    def save_checkpoint(self, out_dir, filename, *args, **kwargs):
+        if not _is_local(out_dir):
+            return super().save_checkpoint(out_dir, filename, *args, **kwargs)
+        from mmengine.dist import is_main_process
+        partial = partial_name(filename)
+        super().save_checkpoint(out_dir, partial, *args, **kwargs)
+        if is_main_process():  # mmengine's Runner.save_checkpoint writes on the main process only
+            publish(Path(out_dir, partial), Path(out_dir, filename))
+
+
+def make_checkpoint_hook_safe(runner) -> None:
+    """Reorder mmengine's CheckpointHook of ``runner`` (see ``SafeCheckpointHook``)."""
+    from mmengine.hooks import CheckpointHook
+    for hook in runner.hooks:
+        if type(hook) is CheckpointHook:
+            hook.__class__ = _safe_checkpoint_hook()
+
+
+@functools.cache
+def _safe_checkpoint_hook():
+    from mmengine.dist import is_main_process
+    from mmengine.hooks import CheckpointHook
+
+    class SafeCheckpointHook(CheckpointHook):
+        """mmengine's hook removes the oldest kept checkpoint *before* writing the new one, and rewrites
+        ``last_checkpoint`` in place: a kill in between can leave no loadable checkpoint (with
+        ``max_keep_ckpts=1``) or an empty pointer. Here the new checkpoint is complete first, then
+        ``last_checkpoint`` is replaced atomically, and only then is the oldest one removed."""
+
+        def _save_checkpoint_with_step(self, runner, step, meta):
+            doomed = []
+            if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
+                if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+                    doomed.append(self.keep_ckpt_ids.popleft())
+                self.keep_ckpt_ids.append(step)
+                runner.message_hub.update_info("keep_ckpt_ids", list(self.keep_ckpt_ids))
+            filename = self.filename_tmpl.format(step)
+            self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
+            runner.message_hub.update_info("last_ckpt", self.last_ckpt)
+            runner.save_checkpoint(self.out_dir, filename, self.file_client_args, save_optimizer=self.save_optimizer,
+                                   save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=self.by_epoch,
+                                   backend_args=self.backend_args, **self.args)
+            if not is_main_process():
+                return
+            write_text_atomically(Path(runner.work_dir, "last_checkpoint"), self.last_ckpt)
+            for old in doomed:
+                path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old))
+                if self.file_backend.isfile(path):
+                    self.file_backend.remove(path)
+                elif self.file_backend.isdir(path):  # a DeepSpeed checkpoint folder
+                    self.file_backend.rmtree(path)
+
+    return SafeCheckpointHook

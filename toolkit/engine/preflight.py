@@ -69,8 +69,8 @@ def checkpoint_bytes(model) -> int:
 def check_free_space(work_dir, needed: int) -> None:
     free = shutil.disk_usage(work_dir).free
     if free < needed + _MARGIN_BYTES:
-        raise UserError(f"work dir {work_dir} has {_size(free)} free but a checkpoint needs about {_size(needed)}; "
-                        f"free some space or choose another --work-dir")
+        raise UserError(f"work dir {work_dir} has {_size(free)} free but a checkpoint (and the logs) need about "
+                        f"{_size(needed + _MARGIN_BYTES)}; free some space or choose another --work-dir")
 
 
 def _size(n: int) -> str:

@@ -9,8 +9,10 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from ..checkpoint import allow_mmengine_checkpoints
+from ..checkpoint import (AtomicCheckpoints, allow_mmengine_checkpoints, latest_complete_checkpoint,
+                          make_checkpoint_hook_safe)
 from ..errors import UserError
+from ..outputs import remove_dead_partials
 
 
 def _half_precision_weights(cfg: Config) -> str | None:
@@ -56,21 +58,40 @@ def prepare(cfg: Config, work_dir: str | None = None, resume: str | None = None,
         cfg.work_dir = work_dir
     elif cfg.get("work_dir") is None:
         cfg.work_dir = str(Path("work_dirs") / Path(config_path or cfg.filename).stem)
-    if resume is not None:
-        if resume != "auto" and not Path(resume).is_file():
+    if resume == "auto":
+        resume_auto(cfg)
+    elif resume is not None:
+        if not Path(resume).exists():
             raise UserError(f"--resume {resume}: no such checkpoint (give a .pth file, or 'auto' for the latest "
                             f"in the work dir)")
-        if resume == "auto" and not (Path(cfg.work_dir) / "last_checkpoint").is_file():
-            print_log(f"--resume auto: no checkpoint in {cfg.work_dir} yet, so training starts from the beginning",
-                      logger="current", level=logging.WARNING)
-        cfg.resume = True
-        cfg.load_from = None if resume == "auto" else resume
+        cfg.resume, cfg.load_from = True, resume
     if seed is not None:
         cfg.setdefault("randomness", {})
         cfg.randomness["seed"] = seed
     adapt_to_launch(cfg)
     drop_disabled_validation(cfg)
     return cfg
+
+
+def resume_auto(cfg: Config) -> None:
+    """``--resume auto``: the last COMPLETE checkpoint in the work dir (checkpoint.latest_complete_checkpoint);
+    none: start from the beginning. Half-written checkpoints of killed runs are removed."""
+    found = latest_complete_checkpoint(cfg.work_dir) if Path(cfg.work_dir).is_dir() else None
+    if found is None:
+        print_log(f"--resume auto: no checkpoint in {cfg.work_dir} yet, so training starts from the beginning",
+                  logger="current", level=logging.WARNING)
+        cfg.resume, cfg.load_from = False, None
+        return
+    from mmengine.dist import is_main_process
+    if is_main_process():
+        for leftover in remove_dead_partials(cfg.work_dir):
+            print_log(f"--resume auto: removed {leftover.name}, a checkpoint a killed run left half-written",
+                      logger="current", level=logging.WARNING)
+    pointer = Path(cfg.work_dir) / "last_checkpoint"
+    if not pointer.is_file() or pointer.read_text().strip() != str(found):
+        print_log(f"--resume auto: last_checkpoint does not name a complete checkpoint; resuming from {found}",
+                  logger="current", level=logging.WARNING)
+    cfg.resume, cfg.load_from = True, str(found)
 
 
 def drop_disabled_validation(cfg: Config) -> None:
@@ -113,8 +134,8 @@ class _KeepUserConfig:
         self.cfg.dump(str(target))
 
 
-class TkRunner(_KeepUserConfig, Runner):
-    pass
+class TkRunner(AtomicCheckpoints, _KeepUserConfig, Runner):
+    """mmengine's Runner; checkpoints are written whole or not at all, the user's config is never replaced."""
 
 
 def build_runner(cfg: Config) -> Runner:
@@ -124,5 +145,8 @@ def build_runner(cfg: Config) -> Runner:
         if cfg.strategy.get("type") == "DeepSpeedStrategy":
             from .strategy import register_deepspeed_optimizers
             register_deepspeed_optimizers()
-        return type("TkFlexibleRunner", (_KeepUserConfig, FlexibleRunner), {}).from_cfg(cfg)
-    return TkRunner.from_cfg(cfg)
+        runner = type("TkFlexibleRunner", (_KeepUserConfig, FlexibleRunner), {}).from_cfg(cfg)
+    else:
+        runner = TkRunner.from_cfg(cfg)
+    make_checkpoint_hook_safe(runner)
+    return runner
