@@ -24,7 +24,7 @@ def sharegpt_map_fn(record: dict) -> dict:
         if not isinstance(turn, dict):
             raise FormatError(f"turn {i} must be an object with 'from' and 'value', got {type(turn).__name__}")
         speaker, value = turn.get("from"), turn.get("value")
-        if speaker not in SPEAKERS:
+        if not isinstance(speaker, str) or speaker not in SPEAKERS:
             raise FormatError(f"turn {i} has 'from': {speaker!r}; expected one of {', '.join(SPEAKERS)}")
         if not isinstance(value, str):
             raise FormatError(f"turn {i} needs a string 'value', got {type(value).__name__}")
