@@ -24,8 +24,12 @@ def as_messages(history) -> list:
     return messages
 
 
-def respond(models, message: str, histories: list, settings: dict):
-    """Streams the reply of every model to ``message``: yields the updated histories, one per model."""
+def respond(models, message: str, histories: list, settings: dict, image: str | None = None):
+    """Streams the reply of every model to ``message``: yields the updated histories, one per model.
+    ``image`` (a file path) goes with the message as ``Picture 1: <img>path</img>`` (multimodal models)."""
+    if image:
+        from ..multimodal.chat import picture_prefix
+        message = picture_prefix([image]) + message
     histories = [as_messages(h) + [{"role": "user", "content": message}] for h in histories]
     replies = [""] * len(models)
     sessions = [ChatSession(m.model, m.tokenizer, m.template, settings["system"] or None, lock=m.lock,
@@ -48,6 +52,8 @@ def build_demo(models, max_new_tokens: int = 512, temperature: float = 0.0, top_
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
+    from ..multimodal.chat import is_multimodal
+
     names = " vs ".join(m.name for m in models)
     with gr.Blocks(title=f"tk chat: {names}", analytics_enabled=False) as demo:
         gr.Markdown(f"### tk chat · {names}")
@@ -60,6 +66,10 @@ def build_demo(models, max_new_tokens: int = 512, temperature: float = 0.0, top_
             send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
             stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
             clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear")
+        pictures = []  # a multimodal model gets a picture box: its picture goes with the next message
+        if any(is_multimodal(m.model) for m in models):
+            pictures.append(gr.Image(type="filepath", label="Picture (sent with the next message)", height=180,
+                                     elem_id="picture"))
         with gr.Accordion("System prompt and sampling", open=False):
             system = gr.Textbox(value=models[0].system or "", label="System prompt", elem_id="system")
             with gr.Row():
@@ -81,16 +91,19 @@ def build_demo(models, max_new_tokens: int = 512, temperature: float = 0.0, top_
             return gr.update(interactive=True), gr.update(interactive=True)
 
         def submit(message, *values):
+            image, values = (values[0] if pictures else None), values[len(pictures):]
             histories, settings = values[:len(models)], dict(zip(SETTINGS, values[len(models):]))
-            states = respond(models, message, list(histories), settings) if message.strip() else [histories]
+            states = respond(models, message, list(histories), settings, image) if message.strip() else [histories]
             for shown in states:
                 yield shown[0] if len(models) == 1 else tuple(shown)  # Gradio: one output is not a list
 
         streams = []
         for event in (box.submit, send.click):
             streams.append(event(take, box, [box, send, pending], queue=False).then(
-                submit, [pending, *chatbots, system, *controls], chatbots))
+                submit, [pending, *pictures, *chatbots, system, *controls], chatbots))
             streams[-1].then(unlock, None, [box, send], queue=False)
+            if pictures:
+                streams[-1].then(lambda: None, None, pictures, queue=False)  # sent: the box is free again
         stop.click(unlock, None, [box, send], cancels=streams, queue=False)  # what was said so far stays
         clear.click(lambda: [[] for _ in models], None, chatbots)
     return demo
