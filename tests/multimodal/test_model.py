@@ -70,3 +70,23 @@ def test_training_lowers_the_loss(tiny_llama_dir, batch):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_an_hf_vision_model_folder_serves_as_the_encoder(tmp_path, tiny_llama_dir, tokenizer, colour_data):
+    """Any HF vision model (here a tiny random ViT saved with its image processor settings) plugs in;
+    its patch tokens (+ CLS) are the picture's tokens."""
+    import json
+
+    from transformers import AutoModelForCausalLM, ViTConfig, ViTModel
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    vit.save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                           "image_std": [0.25] * 3}))
+    model = LlavaFinetune(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), vision_encoder=str(tmp_path / "vit"),
+                          image_size=32)
+    assert model.image_tokens == 17 and model.vision_encoder.out_channels == 32
+    assert model.vision_encoder.std.flatten().tolist() == [0.25] * 3
+    dataset = build_image_dataset(tokenizer, str(colour_data), image_size=32, image_tokens=17)
+    batch = image_collate_fn([dataset[0], dataset[1]])
+    assert model(**batch)["loss"].requires_grad
