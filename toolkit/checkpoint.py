@@ -111,6 +111,22 @@ def _is_local(path: str) -> bool:
     return "://" not in str(path)
 
 
+class SafeCheckpointLoading:
+    """Runner mixin: a checkpoint that ``torch.load(weights_only=True)`` refuses (foreign pickled code, a cut
+    or foreign file) ends with one line instead of mmengine's traceback."""
+
+    def load_checkpoint(self, filename, *args, **kwargs):
+        import pickle
+        try:
+            return super().load_checkpoint(filename, *args, **kwargs)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+                raise
+            reason = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""
+            raise UserError(f"{filename}: not a loadable checkpoint ({type(exc).__name__}: {reason}); resume from "
+                            f"an iter_N.pth that tk train wrote") from None
+
+
 class AtomicCheckpoints:
     """Runner mixin: ``save_checkpoint`` writes under a temporary name and renames when complete."""
 

@@ -14,6 +14,7 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.cfg_options)
     validate_config(cfg, check_files=True)
+    console_logger(cfg)
     adapt_to_device(cfg)  # settle precision first: the DeepSpeed/FSDP settings read the optim wrapper
     apply_strategy(cfg, deepspeed=args.deepspeed, strategy=args.strategy)  # bad flags fail before launching
     code = launch.relaunch(getattr(args, "argv", None) or [])
@@ -32,6 +33,15 @@ def run(args) -> int:
     if is_main_process():
         print(f"tk train: done; checkpoints and logs in {runner.work_dir}")
     return 0
+
+
+def console_logger(cfg) -> None:
+    """What is logged before the runner makes its own logger (precision, data) goes to this console, not to
+    a logger an earlier run in this process left behind (its stream may be closed, its log file another's)."""
+    import uuid
+
+    from mmengine.logging import MMLogger
+    MMLogger.get_instance(f"tk-train-{uuid.uuid4().hex[:8]}", log_level=cfg.get("log_level", "INFO"))
 
 
 def register(subparsers) -> None:

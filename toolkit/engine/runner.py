@@ -9,8 +9,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from ..checkpoint import (AtomicCheckpoints, allow_mmengine_checkpoints, latest_complete_checkpoint,
-                          make_checkpoint_hook_safe)
+from ..checkpoint import (AtomicCheckpoints, SafeCheckpointLoading, allow_mmengine_checkpoints,
+                          latest_complete_checkpoint, make_checkpoint_hook_safe)
 from ..errors import UserError
 from ..outputs import remove_dead_partials
 
@@ -134,8 +134,9 @@ class _KeepUserConfig:
         self.cfg.dump(str(target))
 
 
-class TkRunner(AtomicCheckpoints, _KeepUserConfig, Runner):
-    """mmengine's Runner; checkpoints are written whole or not at all, the user's config is never replaced."""
+class TkRunner(AtomicCheckpoints, SafeCheckpointLoading, _KeepUserConfig, Runner):
+    """mmengine's Runner; checkpoints are written whole or not at all and loaded without running pickled code;
+    the user's config is never replaced."""
 
 
 def build_runner(cfg: Config) -> Runner:
@@ -145,7 +146,8 @@ def build_runner(cfg: Config) -> Runner:
         if cfg.strategy.get("type") == "DeepSpeedStrategy":
             from .strategy import register_deepspeed_optimizers
             register_deepspeed_optimizers()
-        runner = type("TkFlexibleRunner", (_KeepUserConfig, FlexibleRunner), {}).from_cfg(cfg)
+        bases = (SafeCheckpointLoading, _KeepUserConfig, FlexibleRunner)
+        runner = type("TkFlexibleRunner", bases, {}).from_cfg(cfg)
     else:
         runner = TkRunner.from_cfg(cfg)
     make_checkpoint_hook_safe(runner)

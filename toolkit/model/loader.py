@@ -31,6 +31,14 @@ def _existing(path: str) -> str:
     return str(Path(resolved).expanduser()) if looks_local else resolved
 
 
+def _remote_code_error(path: str, exc: ValueError) -> Exception:
+    """transformers refuses a model folder that ships its own Python code unless trust_remote_code is set."""
+    if "trust_remote_code" not in str(exc):
+        return exc
+    return UserError(f"model '{path}' ships its own Python code, which tk does not run by default; if you trust it, "
+                     f"set trust_remote_code=True for the model and tokenizer in the config")
+
+
 def _hub_error(path: str, exc: Exception) -> UserError:
     return UserError(f"could not load model '{path}': {type(exc).__name__}: {str(exc).splitlines()[0]} "
                      f"(no model hub is reachable offline: point pretrained_model_name_or_path at a local folder)")
@@ -44,6 +52,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
                                              padding_side=padding_side, **kwargs)
     except OSError as exc:
         raise _hub_error(path, exc) from None
+    except ValueError as exc:
+        raise _remote_code_error(path, exc) from None
 
 
 def build_tokenizer(tokenizer):
@@ -75,3 +85,5 @@ def load_causal_lm(path: str, dtype="auto", quantization_config=None, trust_remo
             device_map=device_map, **kwargs)
     except OSError as exc:
         raise _hub_error(path, exc) from None
+    except ValueError as exc:
+        raise _remote_code_error(path, exc) from None
