@@ -63,6 +63,35 @@ def test_4bit_base_starts_exact_and_trains(tmp_path, name):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("name, settings", [("tq", dict(n_qubits=8, n_layers=2)),
+                                             ("vqc", dict(n_qubits=6, n_layers=3, readout="expval")),
+                                             ("quanta", dict(dims=[4, 8, 8]))])
+def test_compiled_update_equals_eager_with_gradients(monkeypatch, name, settings):
+    """The fused (torch.compile) circuit update on CUDA computes what the eager one does (fp32 rounding)."""
+    from toolkit.model.adapters import apply_adapter
+    from toolkit.model.adapters.quantum import adapted_layers
+    torch.manual_seed(0)
+    model = apply_adapter(torch.nn.Sequential(torch.nn.Linear(256, 256)).cuda(),
+                          dict(type=name, target_modules=["0"], **settings))
+    delta = next(iter(adapted_layers(model).values())).delta
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    results = []
+    for compile_on in ("1", "0"):
+        monkeypatch.setenv("TK_QUANTUM_COMPILE", compile_on)
+        x = torch.randn(3, 37, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(1),
+                        requires_grad=True)
+        out = delta(x)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad.clone() for p in delta.parameters() if p.requires_grad])
+        delta.zero_grad()
+    from toolkit.model.adapters.quantum import quanta, tq
+    assert (quanta.quanta_update if name == "quanta" else tq.expval_update).compiled is not None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_bench_runs_and_vqc_does_not_dominate(tmp_path):
     """Step time against LoRA on a 2-layer 7B-width llama. vqc must stay close to LoRA; tq and quanta are
     still slower (docs/quantum.md, "Open": 1.9x and 4.0x at the full 7B), guarded here against regressions."""

@@ -15,6 +15,8 @@ import string
 import torch
 from torch import nn
 
+from .fused import compiled_on_cuda
+
 
 def default_dims(in_features: int, out_features: int, n_axes: int = 4) -> list[int]:
     return [math.ceil(max(in_features, out_features) ** (1 / n_axes) - 1e-9)] * n_axes
@@ -65,31 +67,41 @@ def circuit(x, gates, dims):
     return torch.einsum(einsum_string(len(dims)), state, *gates).reshape(*x.shape)
 
 
-def circuits(x, gate_stacks, dims):
-    """Z circuits on the same x in one pass: x [..., D], gate_stacks [Z, n_b, n_a, n_b, n_a] per pair -> [Z, ..., D].
+def _chain(x, gates, dims):
+    """The circuit as one 2-D matmul per gate, the axes left where the last gate put them.
 
-    Each gate is one matmul over the pair's (n_b·n_a) axis. The axes are never put back in place between
-    gates (only the two a gate needs are moved last, and the order is tracked), so a gate costs at most one
-    copy; the first gate reads x once for all Z circuits (one GEMM against the Z gates side by side).
-    This is what the adapter runs; :func:`circuit` (one einsum) is the reference it is tested against.
+    Returns the state [tokens, axes...] and ``order`` (which axis sits where). Only the two axes a gate acts
+    on are moved last, so a gate costs at most one copy and its weight gradient is one plain GEMM.
     """
-    n, lead = len(dims), x.shape[:-1]
-    state = x.reshape(1, -1, *dims)                       # [Z, tokens, axes in `order`]
-    order = list(range(n))
-    for gate, (a, b) in zip(gate_stacks, axis_pairs(n)):
+    n = len(dims)
+    state, order = x.reshape(-1, *dims), list(range(n))
+    for gate, (a, b) in zip(gates, axis_pairs(n)):
         a, b = a % n, b % n
         pa, pb = order.index(a), order.index(b)
         rest = [k for k in range(n) if k not in (pa, pb)]
-        state = state.permute(0, 1, *(2 + k for k in rest), 2 + pb, 2 + pa)
+        state = state.permute(0, *(1 + k for k in rest), 1 + pb, 1 + pa)
         order = [order[k] for k in rest] + [b, a]
-        size, z = dims[a] * dims[b], gate.shape[0]
-        matrices = gate.reshape(z, size, size)
-        if state.shape[0] == 1 and z > 1:                 # [M, K] @ [K, Z·K] -> [Z, M, K] (a view)
-            flat = state.reshape(-1, size) @ matrices.transpose(-1, -2).transpose(0, 1).reshape(size, z * size)
-            state = flat.unflatten(-1, (z, size)).movedim(-2, 0).reshape(z, *state.shape[1:])
-        else:
-            state = (state.reshape(z, -1, size) @ matrices.transpose(-1, -2)).reshape(state.shape)
-    return state.permute(0, 1, *(2 + order.index(k) for k in range(n))).reshape(state.shape[0], *lead, -1)
+        size = dims[a] * dims[b]
+        state = (state.reshape(-1, size) @ gate.reshape(size, size).T).reshape(state.shape)
+    return state, order
+
+
+def _canonical(state, order, lead):
+    return state.permute(0, *(1 + order.index(k) for k in range(len(order)))).reshape(*lead, -1)
+
+
+def circuits(x, gate_sets, dims):
+    """Several circuits on the same x (the adapter's path): x [..., D] -> [len(gate_sets), ..., D]."""
+    return torch.stack([_canonical(*_chain(x, gates, dims), x.shape[:-1]) for gates in gate_sets])
+
+
+@compiled_on_cuda
+def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int):
+    """Δy = M(T)x - M(S)x, cropped to ``out_features`` (both chains put the axes in the same order)."""
+    if pad:
+        x = nn.functional.pad(x, (0, pad))
+    (state_t, order), (state_s, _) = _chain(x, t_gates, dims), _chain(x, s_gates, dims)
+    return _canonical(state_t - state_s, order, x.shape[:-1])[..., :out_features]
 
 
 def dense(gates, dims):
@@ -122,14 +134,9 @@ class QuantaDelta(nn.Module):
     def S(self):
         return [getattr(self, f"S{i}") for i in range(len(self.T))]
 
-    def _pad(self, x):
-        return nn.functional.pad(x, (0, math.prod(self.dims) - x.shape[-1]))
-
     def forward(self, x):
-        if x.shape[-1] != math.prod(self.dims):
-            x = self._pad(x)
-        both = circuits(x, [torch.stack([t.float(), s.float()]) for t, s in zip(self.T, self.S)], self.dims)
-        return (both[0] - both[1])[..., : self.out_features]
+        return quanta_update(x, [t.float() for t in self.T], [s.float() for s in self.S], self.dims,
+                             math.prod(self.dims) - x.shape[-1], self.out_features)
 
     def delta_weight(self):
         delta = dense([t.float() for t in self.T], self.dims) - dense([s.float() for s in self.S], self.dims)

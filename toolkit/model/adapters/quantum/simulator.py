@@ -46,11 +46,12 @@ def apply_1q(state, gate, wire: int, n: int):
     """Apply a 2x2 ``gate`` to ``wire`` of ``state`` [..., 2 (wire 0), ..., 2 (wire n-1)].
 
     ``gate`` may carry leading batch dims [G..., 2, 2]; they line up with the state's leading dims.
+    Written out elementwise: as a batched [2, 2] @ [2, 1] matmul it ran as a badly tiled GEMM on a GPU.
     """
-    s = state.movedim(wire - n, -1)
+    s0, s1 = state.unbind(wire - n)
     g = _c(gate).to(state.device)
-    g = g.reshape(*g.shape[:-2], *([1] * (s.dim() - g.dim() + 1)), 2, 2)
-    return (g @ s.unsqueeze(-1)).squeeze(-1).movedim(-1, wire - n)
+    g = g.reshape(*g.shape[:-2], *([1] * (s0.dim() - g.dim() + 2)), 2, 2)
+    return torch.stack([g[..., 0, 0] * s0 + g[..., 0, 1] * s1, g[..., 1, 0] * s0 + g[..., 1, 1] * s1], dim=wire - n)
 
 
 def apply_controlled(state, gate, control: int, target: int, n: int):

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import simulator as sim
 from .bank import bank_unitary
+from .fused import compiled_on_cuda
 
 
 def encode(phi):
@@ -33,12 +34,18 @@ def real_form(u):
     return torch.cat([u.real, u.imag], -2)
 
 
-def expval_readout(phi, u, real=None):
+def expval_readout(phi, u, real=None, signs=None):
     """z = |U ψ_enc(φ)|² · S: ⟨Z_k⟩ per wire after RY(φ) encoding and the circuit U; real matmuls only."""
     n = phi.shape[-1]
     psi = encode(phi) @ (real_form(u) if real is None else real).T                 # [..., 2 * 2^n]
     prob = psi.square().unflatten(-1, (2, 2 ** n)).sum(-2)                          # |Re|² + |Im|²
-    return prob @ sim.z_signs(n, phi.device)
+    return prob @ (sim.z_signs(n, phi.device) if signs is None else signs)
+
+
+@compiled_on_cuda
+def expval_update(x, a, real, b, signs):
+    """Δy = B · ⟨Z⟩(U · ψ_enc(π·tanh(A·x))) for one layer (tq, and vqc with ``readout='expval'``)."""
+    return expval_readout(torch.pi * torch.tanh(x @ a.T), None, real, signs) @ b.T
 
 
 def cu3_ring(n: int):
@@ -110,5 +117,4 @@ class TQDelta(nn.Module):
     def forward(self, x):
         real = bank_unitary(self)
         real = real_form(self.unitary()) if real is None else real
-        z = expval_readout(torch.pi * torch.tanh(x @ self.A.float().T), None, real)
-        return z @ (self.scale * self.B.float()).T
+        return expval_update(x, self.A.float(), real, self.scale * self.B.float(), sim.z_signs(self.n_qubits, x.device))

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import simulator as sim
 from .bank import bank_unitary
-from .tq import encode
+from .tq import expval_update, real_form
 
 
 def ring_pairs(n: int):
@@ -58,36 +58,29 @@ def vqc_unitary(theta, n: int):
     return u
 
 
-def vqc_expval(phi, theta, n: int):
-    """⟨Z_k⟩ of U(θ)·ψ_enc(φ), applying the layers to the token states instead of building U.
+def vqc_unitary_by_states(theta, n: int):
+    """U(θ) by running the identity's columns through the layers: θ [..., L, 4, n] -> [..., 2^n, 2^n].
 
-    Building U costs L·8^n (n=10: 10 complex 1024³ matmuls a layer); on the states each RY layer is
-    two small Kronecker factors (2^(n/2) each) and each CRZ ring an elementwise phase: T·L·2^n·2^(n/2+1).
-    All in real arithmetic: the encoded state and the RY factors are real, so the state is kept as
-    [Re; Im] (Im zero, and left out, until the first phase) and only the phases mix the two halves.
+    For the expectation readout (n around 10) multiplying dense layer matrices costs 2L complex 2^n-cubed
+    products a circuit; on the 2^n basis states each RY layer is two small Kronecker factors (2^(n/2) each)
+    and each CRZ ring an elementwise phase, about 2^(n/2) times cheaper. Leading dims batch circuits.
     """
     first, second = ring_pairs(n)
-    half = n // 2
-    rot = sim.ry(theta[:, 0::2])                                                # [L, 2, n, 2, 2]
-    ka, kb = sim.kron_all(rot[..., :half, :, :]), sim.kron_all(rot[..., half:, :, :])  # [L, 2, 2^half, ...]
-    phases = torch.stack([sim.crz_phases(n, first, theta.device) @ theta[:, 1].T,
-                          sim.crz_phases(n, second, theta.device) @ theta[:, 3].T], 0).permute(2, 0, 1)
+    half, dim = n // 2, 2 ** n
     grid = (2 ** half, 2 ** (n - half))
-    cos, sin = torch.cos(phases).unflatten(-1, grid), torch.sin(phases).unflatten(-1, grid)  # [L, 2, a, b]
-    psi = encode(phi)
-    shape = psi.shape
-    psi = psi.reshape(1, -1, *grid)                                             # [Re] or [Re, Im], tokens, a, b
-    for layer in range(theta.shape[0]):
+    rot = sim.ry(theta[..., 0::2, :])                                            # [..., L, 2, n, 2, 2]
+    ka = sim.kron_all(rot[..., :half, :, :]).to(sim.CDTYPE)                      # [..., L, 2, 2^half, 2^half]
+    kb = sim.kron_all(rot[..., half:, :, :]).to(sim.CDTYPE)
+    phases = torch.stack([theta[..., 1, :] @ sim.crz_phases(n, first, theta.device).T,
+                          theta[..., 3, :] @ sim.crz_phases(n, second, theta.device).T], -2)  # [..., L, 2, 2^n]
+    diag = torch.polar(torch.ones_like(phases), phases).unflatten(-1, grid).unsqueeze(-3)  # [..., L, 2, 1, a, b]
+    batch = theta.shape[:-3]
+    psi = torch.eye(dim, dtype=sim.CDTYPE, device=theta.device).reshape(dim, *grid).expand(*batch, dim, *grid)
+    for layer in range(theta.shape[-3]):
         for sub in range(2):
-            psi = torch.einsum("ztab,ia,jb->ztij", psi, ka[layer, sub], kb[layer, sub])
-            c, s = cos[layer, sub], sin[layer, sub]
-            if psi.shape[0] == 1:
-                psi = torch.cat([psi * c, psi * s])
-            else:
-                re, im = psi
-                psi = torch.stack([re * c - im * s, re * s + im * c])
-    prob = psi.square().sum(0)
-    return prob.reshape(shape) @ sim.z_signs(n, phi.device)
+            psi = torch.einsum("...tab,...ia,...jb->...tij", psi, ka[..., layer, sub, :, :], kb[..., layer, sub, :, :])
+            psi = psi * diag[..., layer, sub, :, :, :]
+    return psi.reshape(*batch, dim, dim).transpose(-1, -2)
 
 
 class VQCDelta(nn.Module):
@@ -107,23 +100,29 @@ class VQCDelta(nn.Module):
     @property
     def bank_key(self):
         """Circuits with equal keys share one batched unitary build per model forward (bank.py)."""
-        return ("vqc", self.n_qubits, self.theta.shape[0]) if self.readout == "amplitude" else None
+        return ("vqc", self.readout, self.n_qubits, self.theta.shape[0])
 
     def batched_unitary(self, thetas):
-        return vqc_unitary(thetas, self.n_qubits)
+        """Amplitude readout: U itself. Expectation readout: [Re U; Im U] for the real-matmul readout, built
+        from the basis states and recomputed in backward (its intermediate states would be ~10 GB at n=10
+        for the 64 layers of a 7B model on q_proj,v_proj)."""
+        if self.readout == "amplitude":
+            return vqc_unitary(thetas, self.n_qubits)
+        if torch.is_grad_enabled():
+            return real_form(checkpoint(vqc_unitary_by_states, thetas, self.n_qubits, use_reentrant=False))
+        return real_form(vqc_unitary_by_states(thetas, self.n_qubits))
 
     def unitary(self):
         u = bank_unitary(self)
-        return vqc_unitary(self.theta.float(), self.n_qubits) if u is None else u
+        if u is not None:
+            return u
+        return (vqc_unitary(self.theta.float(), self.n_qubits) if self.readout == "amplitude"
+                else self.batched_unitary(self.theta.float()))
 
     def forward(self, x):
         if self.readout == "expval":
-            # 2^n amplitudes per token through 2L gate layers: recompute them in backward instead of keeping
-            # them (at n=10 they are ~1 GB a layer for 2,048 tokens)
-            phi, theta = torch.pi * torch.tanh(x @ self.A.float().T), self.theta.float()
-            z = checkpoint(vqc_expval, phi, theta, self.n_qubits, use_reentrant=False) if torch.is_grad_enabled() \
-                else vqc_expval(phi, theta, self.n_qubits)
-            return z @ (self.scale * self.B.float()).T
+            return expval_update(x, self.A.float(), self.unitary(), self.scale * self.B.float(),
+                                 sim.z_signs(self.n_qubits, x.device))
         return (x @ (self.unitary().real @ self.A.float()).T) @ (self.scale * self.B.float()).T
 
     def delta_weight(self):
