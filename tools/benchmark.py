@@ -54,7 +54,7 @@ from toolkit.model.sft import SupervisedFinetune
 
 model = dict(
     type=SupervisedFinetune,
-    gradient_checkpointing={gc},
+    gradient_checkpointing={gc},{compile}
     llm=dict(type=load_causal_lm, path={model!r}, dtype={dtype!r}, attn_implementation='sdpa'{quant}),
     adapter={adapter})
 
@@ -99,7 +99,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               samples: int | None = None, distinct: int | None = None, seed: int = 0, world_size: int = 1,
               clip: float | None = 1.0,
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
-              dtype: str | None = None, profile_rows: int = 0) -> str:
+              dtype: str | None = None, profile_rows: int = 0, compile: bool = False) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
     adapter = "None" if method == "full" else (
@@ -108,7 +108,8 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
     optimizer = optimizer or ("paged_adamw_32bit" if method.startswith("qlora") else "adamw_torch")
     optimizers = {"paged_adamw_32bit": ("from bitsandbytes.optim import PagedAdamW32bit", "PagedAdamW32bit"),
                   "paged_adamw_8bit": ("from bitsandbytes.optim import PagedAdamW8bit", "PagedAdamW8bit"),
-                  "adamw_torch": ("from torch.optim import AdamW", "AdamW")}
+                  "adamw_torch": ("from torch.optim import AdamW", "AdamW"),
+                  "adamw_fused": ("from torch.optim import AdamW", "AdamW, fused=True")}
     optimizer_import, optimizer_name = optimizers[optimizer]
     amp = precision in ("bf16", "fp16")
     return CONFIG.format(
@@ -119,6 +120,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         clip=f"dict(max_norm={clip})" if clip else "None", accum=accum,
         amp=f", dtype='{'bfloat16' if precision == 'bf16' else 'float16'}'" if amp else "",
         steps=steps, warmup=warmup, optimizer_import=optimizer_import, profile_rows=profile_rows,
+        compile="\n    compile=True," if compile else "",
         peak=f", peak_tflops={peak_tflops}" if peak_tflops else "", log_interval=log_interval,
         checkpoint=("None" if not save_every else
                     f"dict(type='CheckpointHook', by_epoch=False, interval={save_every}, max_keep_ckpts=1)"))
@@ -254,7 +256,7 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
     cfg = work / f"bench_{method}.py"
     cfg.write_text(tk_config(args.model, method, args.seq, args.bs, args.steps, args.warmup, vocab,
                              gc=not args.no_gc, world_size=args.nproc, peak_tflops=args.peak_tflops,
-                             optimizer=args.tk_optimizer, profile_rows=args.profile))
+                             optimizer=args.tk_optimizer, profile_rows=args.profile, compile=args.compile))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
     if args.deepspeed:
         command += ["--deepspeed", args.deepspeed]
@@ -311,7 +313,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-gc", action="store_true", help="without gradient checkpointing (both sides)")
     parser.add_argument("--deepspeed", help="tk's --deepspeed preset (full fine-tuning on several GPUs)")
     parser.add_argument("--nproc", type=int, default=1, help="GPUs (through torchrun) for --deepspeed runs")
-    parser.add_argument("--tk-optimizer", help="tk's optimizer (default: the baseline's)")
+    parser.add_argument("--tk-optimizer", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_fused"],
+                        help="tk's optimizer (default: the baseline's)")
+    parser.add_argument("--compile", action="store_true", help="tk compiles each transformer block (compile=True)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
