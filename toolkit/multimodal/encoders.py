@@ -43,9 +43,9 @@ def embedded_encoder_path(name: str) -> Path:
 class VisionEncoder(nn.Module):
     """A vision network + its input normalisation; ``forward(uint8 images) -> [B, N, C]`` tokens."""
 
-    def __init__(self, net: nn.Module, out_channels: int, mean, std, hf: bool = False):
+    def __init__(self, net: nn.Module, out_channels: int, mean, std, hf: bool = False, pool: int | None = None):
         super().__init__()
-        self.net, self.out_channels, self.hf = net, out_channels, hf
+        self.net, self.out_channels, self.hf, self.pool = net, out_channels, hf, pool
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -55,16 +55,22 @@ class VisionEncoder(nn.Module):
         if self.hf:
             out = self.net(pixel_values=pixels)
             features = out.last_hidden_state
-            return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
-        return self.net(pixels).flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
+            if features.dim() == 3:  # transformer tokens [B, N, C]
+                return features
+        else:
+            features = self.net(pixels)
+        if self.pool:  # average the feature map down to pool x pool tokens
+            features = torch.nn.functional.adaptive_avg_pool2d(features, self.pool)
+        return features.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
 
 
-def build_vision_encoder(name_or_path: str = "efficientnet-lite0") -> VisionEncoder:
-    """``efficientnet-lite0`` (embedded) or a local HF vision model folder (loaded with ``AutoModel``)."""
+def build_vision_encoder(name_or_path: str = "efficientnet-lite0", pool: int | None = None) -> VisionEncoder:
+    """``efficientnet-lite0`` (embedded) or a local HF vision model folder (loaded with ``AutoModel``).
+    ``pool``: a convolutional feature map is averaged down to ``pool`` x ``pool`` tokens (fewer, coarser)."""
     if name_or_path in EMBEDDED_ENCODERS:
         from .efficientnet import MEAN, STD, EfficientNetLite0, load_efficientnet_lite0
         net = load_efficientnet_lite0(embedded_encoder_path(name_or_path))
-        return VisionEncoder(net, EfficientNetLite0.out_channels, [MEAN] * 3, [STD] * 3)
+        return VisionEncoder(net, EfficientNetLite0.out_channels, [MEAN] * 3, [STD] * 3, pool=pool)
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         raise UserError(f"vision encoder '{name_or_path}' is neither {', '.join(EMBEDDED_ENCODERS)} nor an HF "
@@ -77,4 +83,4 @@ def build_vision_encoder(name_or_path: str = "efficientnet-lite0") -> VisionEnco
     settings = json.loads(processor.read_text()) if processor.is_file() else {}
     mean, std = settings.get("image_mean", [0.5] * 3), settings.get("image_std", [0.5] * 3)
     width = getattr(config, "hidden_size", None) or getattr(config, "hidden_sizes", [None])[-1]
-    return VisionEncoder(net, int(width), mean, std, hf=True)
+    return VisionEncoder(net, int(width), mean, std, hf=True, pool=pool)

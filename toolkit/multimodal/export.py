@@ -99,26 +99,37 @@ def pth_to_hf_multimodal(cfg: Config, checkpoint, out, force: bool = False) -> P
             save_file(_prefixed(full, "vision_encoder."), str(staging / ENCODER_FILE))
         write_meta(staging, **chat_settings(cfg), base_model=base, kind=kind)
         composition = dict(vision_encoder=model.vision_encoder_name, image_size=model.image_size,
+                           image_pool=model.image_pool, added_tokens=model.added_tokens,
                            image_tokens=model.image_tokens, projector=model.projector.settings, llm=kind,
                            base_model=base, vision_encoder_file=None if model.freeze_vision else ENCODER_FILE)
         (staging / COMPOSITION_FILE).write_text(json.dumps(composition, indent=2) + "\n", encoding="utf-8")
     return Path(out)
 
 
-def merge_multimodal(base: str, adapter, out, force: bool = False, **merge_args) -> Path:
-    """``tk convert merge`` for a multimodal adapter folder: the LLM merged, the other parts copied."""
-    from ..model.merge import merge
+def merge_multimodal(base: str, adapter, out, device: str = "auto", max_shard_size: str = "5GB", dtype="auto",
+                     force: bool = False) -> Path:
+    """``tk convert merge`` for a multimodal adapter folder: the LLM's adapter (and any new token rows)
+    folded into its weights, the projector (and a trained encoder) copied beside it."""
+    from ..model.loader import load_tokenizer
+    from ..model.merge import pick_device, tokenizer_source
+    from ..model.meta import META_FILE
+    from ..outputs import check_writable_output
     composition = read_composition(adapter)
     if composition["llm"] != "adapter":
         raise UserError(f"{adapter} holds no LLM adapter (llm: {composition['llm']!r}); there is nothing to merge: "
                         f"use the folder as it is")
-    out = merge(base, adapter, out, force=force, **merge_args)
-    for name in (PROJECTOR_FILE, ENCODER_FILE):
-        if (Path(adapter) / name).is_file():
-            shutil.copy(Path(adapter) / name, Path(out) / name)
-    composition.update(llm="model", base_model=str(base))
-    (Path(out) / COMPOSITION_FILE).write_text(json.dumps(composition, indent=2) + "\n", encoding="utf-8")
-    return Path(out)
+    out = check_writable_output(out, force)
+    merged = load_multimodal(base, adapter, dtype=dtype, device=pick_device(device)).llm.merge_and_unload()
+    tokenizer = load_tokenizer(tokenizer_source(base, adapter))
+    with staged_output(out, force) as staging:
+        merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        for name in (PROJECTOR_FILE, ENCODER_FILE, META_FILE):
+            if (Path(adapter) / name).is_file():
+                shutil.copy(Path(adapter) / name, staging / name)
+        composition.update(llm="model", base_model=str(base))
+        (staging / COMPOSITION_FILE).write_text(json.dumps(composition, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 def load_multimodal(model: str, adapter=None, dtype="auto", device: str = "cpu"):
@@ -126,17 +137,24 @@ def load_multimodal(model: str, adapter=None, dtype="auto", device: str = "cpu")
     multimodal folder (merged, full, or an adapter folder naming its base) or the base of ``adapter``."""
     from safetensors.torch import load_file
 
-    from ..model.loader import load_causal_lm
-    from ..model.merge import load_adapted
+    from ..model.loader import load_causal_lm, load_tokenizer
+    from ..model.merge import attach_adapter, check_adapter_folder
     from .model import LlavaFinetune
+    from .tokens import add_token_rows
     folder = multimodal_folder(adapter, model)
     composition = read_composition(folder)
     base = model if adapter else composition.get("base_model") or model
-    if composition["llm"] == "adapter":
-        llm = load_adapted(base, folder, dtype=dtype, device=device)
-    else:
-        llm = load_causal_lm(base if composition["llm"] == "base" else str(folder), dtype=dtype).to(device)
+    if composition["llm"] == "model":
+        llm = load_causal_lm(str(folder), dtype=dtype).to(device)
+    else:  # the base model, grown by the tokens training added, with the adapter on top
+        llm = load_causal_lm(base, dtype=dtype).to(device)
+        if composition.get("added_tokens"):
+            add_token_rows(llm, load_tokenizer(str(folder)))
+        if composition["llm"] == "adapter":
+            check_adapter_folder(folder)
+            llm = attach_adapter(llm, folder)
     mm = LlavaFinetune(llm, vision_encoder=composition["vision_encoder"], image_size=composition["image_size"],
+                       image_pool=composition.get("image_pool"),
                        projector={"depth": composition["projector"]["depth"]})
     mm.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
     if composition.get("vision_encoder_file"):

@@ -19,6 +19,7 @@ from ..model.loss import _plain_decoder
 from ..model.sft import SupervisedFinetune
 from .data import IMAGE_TOKEN_ID
 from .encoders import build_vision_encoder
+from .tokens import add_token_rows, with_trainable_tokens
 
 
 class MLPProjector(nn.Sequential):
@@ -49,29 +50,40 @@ def embeds_lm_loss(llm, embeds, labels, attention_mask=None) -> torch.Tensor:
 @MODELS.register_module()
 class LlavaFinetune(SupervisedFinetune):
     """``llm`` + ``adapter`` as in SupervisedFinetune, plus ``vision_encoder`` (``efficientnet-lite0`` or an
-    HF folder) and an MLP ``projector`` (dict of MLPProjector settings: ``depth``).
+    HF folder) and an MLP ``projector`` (dict of MLPProjector settings: ``depth``). ``image_pool``: average
+    a convolutional encoder's feature map down to ``image_pool`` x ``image_pool`` tokens per picture.
 
     ``freeze_llm``: train the projector alone (stage 1, captions). ``pretrained_projector``: a stage-1
-    checkpoint (``.pth``) or ``projector.safetensors`` to start the projector from.
+    checkpoint (``.pth``) or ``projector.safetensors`` to start the projector from. ``tokenizer``: the
+    config's tokenizer; when it adds tokens (tokens.py) the LLM's embeddings grow and their new rows train.
     """
 
-    def __init__(self, llm, vision_encoder="efficientnet-lite0", image_size: int = 224, projector=None,
+    def __init__(self, llm, vision_encoder="efficientnet-lite0", image_size: int = 224, image_pool=None, projector=None,
                  adapter=None, freeze_vision: bool = True, freeze_llm: bool = False, pretrained_projector=None,
-                 gradient_checkpointing: bool = False, data_preprocessor=None):
+                 tokenizer=None, gradient_checkpointing: bool = False, data_preprocessor=None):
         if freeze_llm and adapter is not None:
             raise UserError("freeze_llm=True trains the projector alone: remove the adapter (or set freeze_llm=False)")
+        llm = build(llm) if isinstance(llm, dict) else llm
+        new_ids = add_token_rows(llm, tokenizer)  # a tokenizer with special_tokens added
+        with torch.no_grad():  # the embedding width, also through peft's wrappers
+            width = llm.get_input_embeddings()(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
+        if new_ids and adapter is not None:
+            adapter = with_trainable_tokens(adapter, llm, new_ids)
         super().__init__(llm, adapter=adapter, gradient_checkpointing=gradient_checkpointing,
                          data_preprocessor=data_preprocessor)
+        self.added_tokens = len(new_ids)
         if freeze_llm:
             self.llm.requires_grad_(False)
+            for layer in (self.llm.get_input_embeddings(), self.llm.get_output_embeddings()) if new_ids else ():
+                layer.requires_grad_(True)  # new tokens must learn their embeddings (and LM-head rows)
         self.vision_encoder_name = str(vision_encoder)
-        self.vision_encoder = build_vision_encoder(vision_encoder) if isinstance(vision_encoder, str) \
+        self.vision_encoder = build_vision_encoder(vision_encoder, image_pool) if isinstance(vision_encoder, str) \
             else vision_encoder
+        self.image_pool = image_pool
         self.freeze_vision, self.image_size = freeze_vision, image_size
         with torch.no_grad():  # tokens per picture: what the data's image_tokens must be
             self.image_tokens = self.vision_encoder.eval()(torch.zeros(1, 3, image_size, image_size)).shape[1]
         self.vision_encoder.requires_grad_(not freeze_vision)
-        width = self.llm.get_input_embeddings().embedding_dim
         self.projector = MLPProjector(self.vision_encoder.out_channels, width, **(projector or {}))
         if pretrained_projector:
             from .export import load_projector_weights

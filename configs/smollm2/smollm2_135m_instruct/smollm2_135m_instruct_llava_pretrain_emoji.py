@@ -15,10 +15,11 @@ from toolkit.engine.hooks import LossPlotHook, ProgressBarHook, SummaryHook, Thr
 from toolkit.engine.log_processor import LogProcessor
 from toolkit.engine.loops import TrainLoop
 from toolkit.engine.schedule import WarmupDecayLR
-from toolkit.model.loader import load_causal_lm, load_tokenizer
+from toolkit.model.loader import load_causal_lm
 from toolkit.multimodal.data import build_image_split_dataset, image_collate_fn
 from toolkit.multimodal.hooks import ImageDatasetInfoHook
 from toolkit.multimodal.model import LlavaFinetune
+from toolkit.multimodal.tokens import load_tokenizer_with_tokens
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -28,7 +29,9 @@ from toolkit.multimodal.model import LlavaFinetune
 pretrained_model_name_or_path = 'smollm2-135m-instruct'
 vision_encoder = 'efficientnet-lite0'
 image_size = 224               # pictures are padded to a square and resized to this
-image_tokens = 49              # tokens per picture: EfficientNet's 7x7 feature map at 224 px
+image_pool = None              # None: one token per cell of EfficientNet's 7x7 feature map at 224 px;
+                               # N: the map averaged down to N x N cells (fewer tokens, faster)
+image_tokens = 49              # tokens per picture: 49, or image_pool ** 2
 freeze_vision = True
 freeze_llm = True              # stage 1: the projector alone learns
 
@@ -39,6 +42,8 @@ image_folder = None            # where relative image paths start (default: the 
 dataset_map_fn = 'sharegpt'
 prompt_template = 'chatml'
 system = None
+special_tokens = []            # e.g. ['<ref>', '</ref>', '<box>', '</box>']: each a new token whose embedding
+                               # (and LM-head row) trains; [] keeps such grounding tags as plain text
 max_length = 128
 
 # Schedule
@@ -59,13 +64,15 @@ logging_steps = 5
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path)
+tokenizer = dict(type=load_tokenizer_with_tokens, path=pretrained_model_name_or_path, special_tokens=special_tokens)
 
 model = dict(
     type=LlavaFinetune,
     llm=dict(type=load_causal_lm, path=pretrained_model_name_or_path, dtype='float32'),
     vision_encoder=vision_encoder,
+    tokenizer=tokenizer,
     image_size=image_size,
+    image_pool=image_pool,
     freeze_vision=freeze_vision,
     projector=dict(depth=2),
     freeze_llm=freeze_llm)
