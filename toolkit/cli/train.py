@@ -7,6 +7,7 @@ from ..engine.strategy import PRESETS, apply_strategy
 def run(args) -> int:
     # The engine (mmengine's runner and hooks, and through them transformers' trainer utilities) is
     # imported here, not at module level: every other tk command starts without it.
+    import torch
     from mmengine.dist import is_main_process
 
     from ..engine import launch, preflight
@@ -27,7 +28,7 @@ def run(args) -> int:
     preflight.check_work_dir(cfg.work_dir)
     runner = build_runner(cfg)
     preflight.hand_to_runner(runner, datasets)
-    if is_main_process():
+    if is_main_process() and isinstance(runner.model, torch.nn.Module):  # the FlexibleRunner builds it in train()
         preflight.check_free_space(runner.work_dir, preflight.checkpoint_bytes(runner.model))
     runner.train()
     if is_main_process():
