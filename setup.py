@@ -24,6 +24,7 @@ install_requires = [
     "safetensors>=0.4",
     "gguf>=0.17",            # reading the embedded SmolLM2 GGUF
     "champ-dataset==1.0.0",  # embedded real math data (MIT)
+    "pillow",                # pictures of multimodal data (also a matplotlib dependency)
     "tqdm",
     "matplotlib",
     "tensorboard",

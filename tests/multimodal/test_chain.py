@@ -64,7 +64,8 @@ def test_pth_to_hf_and_merge_load_again_with_the_same_logits(trained, tiny_llama
     root, cfg, work_dir, data = trained
     adapter, merged = root / "adapter", root / "merged"
     assert main(["convert", "pth_to_hf", str(cfg), str(work_dir / "iter_6.pth"), str(adapter)]) == 0
-    assert {"adapter_config.json", PROJECTOR_FILE, COMPOSITION_FILE, "tk_meta.json"} <= {p.name for p in adapter.iterdir()}
+    written = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", PROJECTOR_FILE, COMPOSITION_FILE, "tk_meta.json"} <= written
     composition = json.loads((adapter / COMPOSITION_FILE).read_text())
     assert composition["llm"] == "adapter" and composition["image_tokens"] == 4
     model = MODELS.build(load_config(str(cfg)).model)

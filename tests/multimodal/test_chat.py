@@ -19,7 +19,8 @@ def chat_model(tiny_llama_dir, tokenizer):
 def test_the_prompt_holds_each_pictures_tokens_and_the_reply_follows(chat_model, image_folder, monkeypatch):
     monkeypatch.chdir(image_folder)  # chat paths are the user's: relative to the working directory
     session = ChatSession(chat_model.model, chat_model.tokenizer, "chatml", max_new_tokens=4)
-    messages = [{"role": "user", "content": "Picture 1: <img>img/red.png</img>\nPicture 2: <img>img/blue.png</img>\nSame?"}]
+    text = "Picture 1: <img>img/red.png</img>\nPicture 2: <img>img/blue.png</img>\nSame?"
+    messages = [{"role": "user", "content": text}]
     ids, extra = session.prompt_inputs(messages)
     assert ids.count(IMAGE_TOKEN_ID) == 2 * chat_model.model.image_tokens
     assert extra["pixel_values"].shape == (2, 3, 64, 64)

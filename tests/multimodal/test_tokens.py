@@ -32,7 +32,8 @@ def test_grounding_tags_become_new_trainable_tokens_that_survive_convert_and_mer
     torch.manual_seed(0)
     model = LlavaFinetune(**{k: v for k, v in cfg.model.items() if k != "type"})
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any("embed_tokens.token_adapter" in n for n in trainable) and any("lm_head.token_adapter" in n for n in trainable)
+    assert any("embed_tokens.token_adapter" in n for n in trainable)
+    assert any("lm_head.token_adapter" in n for n in trainable)  # the tiny llama's head is not tied
     embeddings = model.llm.get_base_model().get_input_embeddings().weight
     assert torch.allclose(embeddings[old], embeddings[:old].mean(0))  # the same start at every load
     with torch.no_grad():  # as if trained: the new rows, LoRA and projector all move

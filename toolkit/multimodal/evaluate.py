@@ -41,10 +41,13 @@ def questions(source, map_fn="sharegpt", image_folder=None) -> list:
     """``(prompt messages with absolute image paths, reference reply)`` for each record's first answer."""
     folder = dataset_folder(source, image_folder)
     out = []
+
+    def absolute(span):
+        return f"<img>{resolve_in_folder(span.group(1).strip(), folder)}</img>"
+
     for messages in apply_map_fn(load_records(source), resolve_map_fn(map_fn), source):
         answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt = [{**m, "content": IMAGE_SPAN.sub(lambda s: f"<img>{resolve_in_folder(s.group(1).strip(), folder)}</img>",
-                                                   m["content"])} for m in messages[:answer]]
+        prompt = [{**m, "content": IMAGE_SPAN.sub(absolute, m["content"])} for m in messages[:answer]]
         out.append((prompt, messages[answer]["content"]))
     return out
 
@@ -102,8 +105,9 @@ def main(argv=None) -> int:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     for row in result["replies"][:5]:
         print(f"  {row['reference']!r:40} -> {row['reply']!r}")
-    print(f"{args.target} on {args.data}: accuracy {result['accuracy']:.1%} ({sum(r['exact'] for r in result['replies'])}"
-          f"/{result['n']}), word F1 {result['word_f1']:.3f}")
+    right = sum(r["exact"] for r in result["replies"])
+    print(f"{args.target} on {args.data}: accuracy {result['accuracy']:.1%} ({right}/{result['n']}), "
+          f"word F1 {result['word_f1']:.3f}")
     return 0
 
 

@@ -16,7 +16,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS
 

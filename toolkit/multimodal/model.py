@@ -113,7 +113,8 @@ class LlavaFinetune(SupervisedFinetune):
             if bool(slots.any()):
                 raise UserError("the input has image placeholders but no pictures (pixel_values)")
             return embeds
-        features = self.projector(self.vision_encoder(pixel_values.to(embeds.device)).to(self.projector[0].weight.dtype))
+        tokens = self.vision_encoder(pixel_values.to(embeds.device))
+        features = self.projector(tokens.to(self.projector[0].weight.dtype))
         if features.shape[0] * features.shape[1] != int(slots.sum()):
             raise UserError(f"{count} pictures give {features.shape[1]} tokens each, but the text has "
                             f"{int(slots.sum())} image placeholders: set image_tokens={features.shape[1]} "

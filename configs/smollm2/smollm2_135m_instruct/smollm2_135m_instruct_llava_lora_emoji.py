@@ -31,9 +31,9 @@ from toolkit.multimodal.tokens import load_tokenizer_with_tokens
 pretrained_model_name_or_path = 'smollm2-135m-instruct'
 vision_encoder = 'efficientnet-lite0'
 image_size = 224               # pictures are padded to a square and resized to this
-image_pool = None              # None: one token per cell of EfficientNet's 7x7 feature map at 224 px;
-                               # N: the map averaged down to N x N cells (fewer tokens, faster)
-image_tokens = 49              # tokens per picture: 49, or image_pool ** 2
+image_pool = 2                 # the 7x7 feature map (224 px) averaged down to 2x2 tokens: short samples for a
+                               # CPU; None: one token per cell (49)
+image_tokens = 4               # tokens per picture: image_pool ** 2, or 49 without pooling
 freeze_vision = True
 pretrained_projector = None    # stage 1's checkpoint (work_dirs/..._pretrain_emoji/iter_N.pth) or None
 
@@ -51,15 +51,15 @@ max_length = 128
 # Schedule
 batch_size = 8
 accumulative_counts = 1
-max_iters = 60
-lr = 1e-3
+max_iters = 200                # ~14 epochs of the 110 emoji
+lr = 2e-3
 weight_decay = 0.0
 max_norm = 1.0
 warmup_ratio = 0.05
 lr_scheduler_type = 'cosine'
 amp_dtype = 'bfloat16'         # on a GPU; fp32 on CPU
 
-save_steps = 60
+save_steps = 200
 save_total_limit = 2
 logging_steps = 5
 
