@@ -114,9 +114,9 @@ def test_resume_auto_in_an_empty_work_dir_says_it_starts_fresh(tiny_config, tmp_
     monkeypatch.setattr(runner, "print_log", lambda message, **kwargs: said.append(message))
     cfg = load_config(str(tiny_config()))
     runner.prepare(cfg, work_dir=str(tmp_path / "empty"), resume="auto")
-    assert any("no checkpoint in" in line for line in said) and cfg.resume is True and cfg.load_from is None
+    assert any("no checkpoint in" in line for line in said) and cfg.resume is False and cfg.load_from is None
     said.clear()
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty").mkdir()  # a last_checkpoint naming a checkpoint that is not there: still a fresh start
     (tmp_path / "empty" / "last_checkpoint").write_text(str(tmp_path / "empty" / "iter_2.pth"))
-    runner.prepare(load_config(str(tiny_config())), work_dir=str(tmp_path / "empty"), resume="auto")
-    assert not any("no checkpoint in" in line for line in said)
+    cfg = runner.prepare(load_config(str(tiny_config())), work_dir=str(tmp_path / "empty"), resume="auto")
+    assert any("no checkpoint in" in line for line in said) and cfg.resume is False
