@@ -171,6 +171,8 @@ CASES = [
          ["tk train: error: the following arguments are required: config", "tk train -h"], subprocess=True),
     Case("cli-unknown-command", lambda e: ["trian", "x.py"], ["invalid choice: 'trian'"], subprocess=True),
     Case("cli-bad-cfg-options", lambda e: e.train("--cfg-options", "max_length"), ["'max_length': write KEY=VALUE"]),
+    Case("cli-bad-cfg-options-check-dataset", lambda e: ["check-custom-dataset", e.config(), "--cfg-options", "x"],
+         ["tk check-custom-dataset: error: --cfg-options 'x': write KEY=VALUE"]),
     Case("cli-config-path-does-not-exist", lambda e: ["train", "nope/cfg.py"], ["config file nope/cfg.py does not exist"]),
     Case("cli-unknown-shipped-config", lambda e: ["train", "no_such_cfg"], ["config 'no_such_cfg'", "tk list-cfg"]),
     Case("cli-resume-missing-checkpoint", lambda e: e.train("--resume", "work/iter_9.pth"),

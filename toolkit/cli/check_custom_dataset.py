@@ -5,9 +5,7 @@ record is bad, 0 if all are good. Nothing is cached or trained.
 """
 from __future__ import annotations
 
-from mmengine.config import DictAction
-
-from ..config import load_config
+from ..config import CfgOptions, load_config
 from ..errors import UserError
 
 
@@ -65,6 +63,6 @@ def run(args) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("check-custom-dataset", help="check every record of a config's data")
     parser.add_argument("config", help="config file or shipped config name")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+    parser.add_argument("--cfg-options", nargs="+", action=CfgOptions, metavar="KEY=VALUE",
                         help="override config settings, e.g. train_dataloader.dataset.source=my.jsonl")
     parser.set_defaults(func=run)

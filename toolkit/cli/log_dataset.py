@@ -1,10 +1,8 @@
 """tk log-dataset CFG --show ...: what the model will be trained on, the untrained part visibly marked."""
 from __future__ import annotations
 
-from mmengine.config import DictAction
-
 from ..builder import build
-from ..config import load_config
+from ..config import CfgOptions, load_config
 from ..data.encode import IGNORE_INDEX
 from ..errors import UserError
 
@@ -54,6 +52,6 @@ def register(subparsers) -> None:
     parser.add_argument("--show", choices=SHOWS, default="masked_text")
     parser.add_argument("--index", type=int, default=0, help="first sample to show")
     parser.add_argument("-n", "--num", type=int, default=1, help="how many samples to show")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+    parser.add_argument("--cfg-options", nargs="+", action=CfgOptions, metavar="KEY=VALUE",
                         help="override config settings")
     parser.set_defaults(func=run)
