@@ -125,6 +125,16 @@ def test_resume_auto_skips_a_cut_checkpoint_that_last_checkpoint_names(tiny_cfg,
     assert (work / "iter_2.pth").read_bytes() == whole
     (work / "last_checkpoint").write_text("")  # an empty pointer (killed while mmengine rewrote it)
     assert latest_complete_checkpoint(work) == work / "iter_2.pth"
+    # DeepSpeed checkpoints are folders of torch.save files: one cut file makes the folder incomplete
+    for step, cut_one in ((6, False), (8, True)):
+        folder = work / f"iter_{step}.pth"
+        folder.mkdir()
+        torch.save({"module": {}}, folder / "mp_rank_00_model_states.pt")
+        torch.save({"optimizer": torch.zeros(1000)}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        if cut_one:
+            data = (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()
+            (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(data[: len(data) // 2])
+    assert latest_complete_checkpoint(work) == work / "iter_6.pth"
     shutil.rmtree(work)
     cfg = prepare(load_config(str(tiny_cfg)), work_dir=str(work), resume="auto")
     assert cfg.resume is False and cfg.load_from is None

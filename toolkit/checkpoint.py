@@ -82,9 +82,13 @@ def write_text_atomically(path, text: str) -> None:
 
 
 def is_complete(path) -> bool:
-    """Whether a checkpoint file is whole: torch.save writes a zip, whose directory comes last."""
+    """Whether a checkpoint is whole: torch.save writes a zip, whose directory comes last; a DeepSpeed
+    checkpoint is a folder of such files, with at least one ``*model_states.pt``."""
     path = Path(path)
-    return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path))
+    if path.is_dir():
+        parts = list(path.rglob("*.pt"))
+        return any(p.name.endswith("model_states.pt") for p in parts) and all(zipfile.is_zipfile(p) for p in parts)
+    return path.is_file() and zipfile.is_zipfile(path)
 
 
 def latest_complete_checkpoint(work_dir) -> Path | None:
