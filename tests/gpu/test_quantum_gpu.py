@@ -64,8 +64,7 @@ def test_4bit_base_starts_exact_and_trains(tmp_path, name):
 
 
 @pytest.mark.parametrize("name, settings", [("tq", dict(n_qubits=8, n_layers=2)),
-                                             ("vqc", dict(n_qubits=6, n_layers=3, readout="expval")),
-                                             ("quanta", dict(dims=[4, 8, 8]))])
+                                             ("vqc", dict(n_qubits=6, n_layers=3, readout="expval"))])
 def test_compiled_update_equals_eager_with_gradients(monkeypatch, name, settings):
     """The fused (torch.compile) circuit update on CUDA computes what the eager one does (fp32 rounding)."""
     from toolkit.model.adapters import apply_adapter
@@ -86,24 +85,25 @@ def test_compiled_update_equals_eager_with_gradients(monkeypatch, name, settings
         out.pow(2).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad.clone() for p in delta.parameters() if p.requires_grad])
         delta.zero_grad()
-    from toolkit.model.adapters.quantum import quanta, tq
-    assert (quanta.quanta_update if name == "quanta" else tq.expval_update).compiled is not None
+    from toolkit.model.adapters.quantum import tq
+    assert tq.expval_update.compiled is not None
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_bench_runs_and_vqc_does_not_dominate(tmp_path):
-    """Step time against LoRA on a 2-layer 7B-width llama. vqc must stay close to LoRA; tq and quanta are
-    still slower (docs/quantum.md, "Open": 1.9x and 4.0x at the full 7B), guarded here against regressions."""
+    """Step time against LoRA on a 4-layer 7B-width llama, guarded against regressions. At the whole 7B
+    (docs/quantum.md) vqc is 1.06x LoRA, tq 1.67x, quanta 2.17x, vqc expval 3.2x; with few layers the fixed
+    per-step costs weigh more (H100, 4 layers, eager: quanta 1.85x, tq 3.12x)."""
     out = tmp_path / "bench.json"
-    assert _bench().main(["--layers", "2", "--steps", "5", "--out", str(out)]) == 0
+    assert _bench().main(["--layers", "4", "--steps", "5", "--out", str(out)]) == 0
     methods = json.loads(out.read_text())["methods"]
     assert set(methods) == {"lora", "vqc", "vqc_expval", "tq", "quanta"}
     assert all(r["trainable_params"] > 0 and r["step_s"] > 0 for r in methods.values())
-    # 2 layers: fixed per-step costs weigh more than at 32 (H100: 1.38x here, 1.05x on the whole 7B step)
     assert methods["vqc"]["ratio_to_lora"] < 1.6, methods["vqc"]
     assert methods["tq"]["ratio_to_lora"] < 3.5, methods["tq"]
-    assert methods["quanta"]["ratio_to_lora"] < 5.0, methods["quanta"]
+    assert methods["quanta"]["ratio_to_lora"] < 2.5, methods["quanta"]
+    assert methods["vqc_expval"]["ratio_to_lora"] < 8.0, methods["vqc_expval"]
 
 
 @pytest.mark.parametrize("name", ["vqc", "tq", "quanta"])

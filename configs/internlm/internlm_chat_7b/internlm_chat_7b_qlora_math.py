@@ -51,6 +51,8 @@ warmup_ratio = 0.03            # of all iterations (or set warmup_steps=N in par
 lr_scheduler_type = 'cosine'   # after warmup: 'cosine', 'linear' or 'constant'
 amp_dtype = 'bfloat16'         # mixed precision on a GPU: 'bfloat16' or 'float16'; None: fp32 (always on CPU)
 gradient_checkpointing = True  # recompute activations in backward: less memory, ~30% slower
+compile_blocks = False         # True: torch.compile each transformer block on a GPU (7B llama QLoRA on an
+                               # H100: 1.97x the HF + peft baseline, docs/benchmarks.md); ignored on a CPU
 
 # Validation, checkpoints and evaluation
 val_size = 0                   # held out of the data: a fraction (0.05) or a sample count; 0: none
@@ -73,6 +75,7 @@ tokenizer = dict(type=load_tokenizer, path=pretrained_model_name_or_path, trust_
 model = dict(
     type=SupervisedFinetune,
     gradient_checkpointing=gradient_checkpointing,
+    compile=compile_blocks,
     llm=dict(
         type=load_causal_lm,
         path=pretrained_model_name_or_path,

@@ -1,5 +1,8 @@
 """Per-layer circuit math compiled into a few fused kernels on CUDA; plain eager PyTorch elsewhere.
 
+Used by the expectation readout of tq and of vqc (``readout='expval'``): encoder, readout and projection
+of one layer.
+
 A circuit update is tens of small ops per adapted layer (casts, encodings, squares, sums, skinny matmuls);
 on a GPU that is tens of thousands of kernel launches a step and the CPU, not the GPU, sets the pace.
 ``torch.compile`` fuses them (dynamic shapes: any number of tokens). CPU runs stay eager (no compiler

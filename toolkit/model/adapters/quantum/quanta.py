@@ -15,8 +15,6 @@ import string
 import torch
 from torch import nn
 
-from .fused import compiled_on_cuda
-
 
 def default_dims(in_features: int, out_features: int, n_axes: int = 4) -> list[int]:
     return [math.ceil(max(in_features, out_features) ** (1 / n_axes) - 1e-9)] * n_axes
@@ -95,9 +93,11 @@ def circuits(x, gate_sets, dims):
     return torch.stack([_canonical(*_chain(x, gates, dims), x.shape[:-1]) for gates in gate_sets])
 
 
-@compiled_on_cuda
 def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int):
-    """Δy = M(T)x - M(S)x, cropped to ``out_features`` (both chains put the axes in the same order)."""
+    """Δy = M(T)x - M(S)x, cropped to ``out_features`` (both chains put the axes in the same order).
+
+    Left eager: its GEMMs dominate, and torch.compile spent minutes on the permute chain (H100, torch 2.11).
+    """
     if pad:
         x = nn.functional.pad(x, (0, pad))
     (state_t, order), (state_s, _) = _chain(x, t_gates, dims), _chain(x, s_gates, dims)
