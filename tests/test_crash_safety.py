@@ -173,3 +173,14 @@ def test_full_work_dir_is_reported_before_training(tiny_cfg, tmp_path, monkeypat
     assert re.fullmatch(rf"tk train: error: work dir {re.escape(str(work))} has 10 MiB free but a checkpoint "
                         r"\(and the logs\) need about \d+ MiB; free some space or choose another --work-dir", err), err
     assert not list(work.glob("*.pth")) and not list(work.glob("*/vis_data/scalars.json"))
+
+
+def test_a_run_that_saves_no_checkpoint_needs_no_room_for_one(tiny_cfg, tmp_path, monkeypatch):
+    """default_hooks.checkpoint=None (benchmarks, smoke runs): the free-space check has nothing to guard."""
+    import shutil as shutil_module
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    work = tmp_path / "work"
+    assert main(["train", str(tiny_cfg), "--work-dir", str(work), "--cfg-options", "train_cfg.max_iters=2",
+                 "default_hooks.checkpoint=None", *FAST]) == 0
+    assert not list(work.glob("*.pth"))

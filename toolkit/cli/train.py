@@ -28,7 +28,8 @@ def run(args) -> int:
     preflight.check_work_dir(cfg.work_dir)
     runner = build_runner(cfg)
     preflight.hand_to_runner(runner, datasets)
-    if is_main_process() and isinstance(runner.model, torch.nn.Module):  # the FlexibleRunner builds it in train()
+    # the FlexibleRunner builds the model only in train(); a run without checkpoints needs no room for one
+    if is_main_process() and isinstance(runner.model, torch.nn.Module) and preflight.saves_checkpoints(cfg):
         preflight.check_free_space(runner.work_dir, preflight.checkpoint_bytes(runner.model))
     runner.train()
     if is_main_process():

@@ -58,6 +58,12 @@ def check_work_dir(work_dir) -> Path:
     return folder
 
 
+def saves_checkpoints(cfg: Config) -> bool:
+    """False when the config turns the checkpoint hook off (``default_hooks.checkpoint = None``)."""
+    hooks = cfg.get("default_hooks") or {}
+    return "checkpoint" not in hooks or hooks["checkpoint"] is not None
+
+
 def checkpoint_bytes(model) -> int:
     """An estimate of one checkpoint: the saved weights, plus Adam's two fp32 states per trainable weight."""
     inner = getattr(model, "module", model)
