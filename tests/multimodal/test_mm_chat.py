@@ -7,6 +7,8 @@ from toolkit.chat.session import ChatSession
 from toolkit.multimodal.data import IMAGE_TOKEN_ID
 from toolkit.multimodal.model import LlavaFinetune
 
+from mm_helpers import image_folder  # noqa: F401  (fixtures)
+
 
 @pytest.fixture
 def chat_model(tiny_llama_dir, tokenizer):

@@ -11,6 +11,7 @@ from toolkit.multimodal.data import IMAGE_TOKEN_ID, build_image_dataset, image_c
 from toolkit.multimodal.images import decode_image
 
 from mm_helpers import ask, write_jsonl
+from mm_helpers import image_folder  # noqa: F401  (fixtures)
 
 N = 4  # placeholder tokens per picture in these tests
 

@@ -8,6 +8,8 @@ from toolkit.multimodal.model import LlavaFinetune
 
 SIZE = 64  # pixels: EfficientNet's 2x2 feature map, 4 tokens a picture
 
+from mm_helpers import colour_data, image_folder  # noqa: F401  (fixtures)
+
 
 @pytest.fixture
 def model(tiny_llama_dir):

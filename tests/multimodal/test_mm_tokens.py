@@ -11,6 +11,7 @@ from toolkit.multimodal.model import LlavaFinetune
 from toolkit.multimodal.tokens import GROUNDING_TOKENS, load_tokenizer_with_tokens
 
 from mm_helpers import write_jsonl
+from mm_helpers import image_folder  # noqa: F401  (fixtures)
 
 
 def test_grounding_tags_become_new_trainable_tokens_that_survive_convert_and_merge(tmp_path, tiny_llama_dir,
