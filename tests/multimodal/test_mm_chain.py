@@ -55,6 +55,8 @@ def test_train_lowers_the_loss_and_saves_projector_and_adapter_only(trained):
     scalars = next(work_dir.rglob("vis_data/scalars.json")).read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in scalars if '"loss"' in line]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    log = next(work_dir.rglob("*/*.log")).read_text()
+    assert "(1 pictures)" in log and "[/no loss][image: 4 tokens][no loss]" in log  # the dataset-info hook
     state = load_model_state(work_dir / "iter_6.pth")
     assert {k.split(".")[0] for k in state} == {"projector", "llm"}
     assert all("lora_" in k for k in state if k.startswith("llm."))

@@ -1,11 +1,9 @@
 """Training hooks for image conversations: the dataset sample shown with its pictures collapsed."""
 from __future__ import annotations
 
-from mmengine.hooks import Hook
-
 from ..data.encode import IGNORE_INDEX
 from ..data.render import render_masked
-from ..model.loader import build_tokenizer
+from ..engine.hooks.dataset_info import DatasetInfoHook
 from ..registry import HOOKS
 from .data import IMAGE_TOKEN_ID
 
@@ -31,13 +29,8 @@ def render_with_images(input_ids, labels, tokenizer) -> str:
 
 
 @HOOKS.register_module()
-class ImageDatasetInfoHook(Hook):
-    """Logs the training set's size and sample 0 (untrained text marked, pictures collapsed)."""
-
-    priority = "LOWEST"
-
-    def __init__(self, tokenizer):
-        self.tokenizer = build_tokenizer(tokenizer)
+class ImageDatasetInfoHook(DatasetInfoHook):
+    """DatasetInfoHook for image conversations: sample 0 with its pictures collapsed."""
 
     def before_train(self, runner) -> None:
         dataset = runner.train_dataloader.dataset
