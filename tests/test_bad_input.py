@@ -103,7 +103,7 @@ CASES = [
     Case("config-unknown-key-cli", lambda e: e.train("--cfg-options", "train_cfg.max_epoch=1"),
          ["cfg.py", "train_cfg has an unknown setting 'max_epoch'", "max_epochs"]),
     Case("config-wrong-type", lambda e: e.train(max_length="512"),
-         ["cfg.py:", "max_length = '512' must be int, not str"]),
+         ["cfg.py:", "max_length = '512' must be int", "not str"]),
     Case("config-wrong-type-lr", lambda e: e.train(lr="fast"), ["cfg.py:", "lr = 'fast' must be float"]),
     Case("config-wrong-type-adapter", lambda e: e.train(replace=[("r=16,", "r='16',")]),
          ["cfg.py:", "model.adapter.r = '16' must be int"]),

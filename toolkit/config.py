@@ -182,8 +182,10 @@ def _expected_type(param):
     default = param.default
     if isinstance(default, bool):
         return bool
-    if isinstance(default, (int, float, str)):
-        return type(default)
+    if isinstance(default, (int, float)):  # an unannotated 0 may well take 0.05 (a fraction, a rate)
+        return int | float
+    if isinstance(default, str):
+        return str
     return None
 
 
