@@ -56,7 +56,7 @@ def test_train_lowers_the_loss_and_saves_projector_and_adapter_only(trained):
     losses = [json.loads(line)["loss"] for line in scalars if '"loss"' in line]
     assert len(losses) == 6 and losses[-1] < losses[0]
     log = next(work_dir.rglob("*/*.log")).read_text()
-    assert "(1 pictures)" in log and "[/no loss][image: 4 tokens][no loss]" in log  # the dataset-info hook
+    assert "(1 pictures)" in log and "Picture 1: <img>[image: 4 tokens]</img>" in log  # the dataset-info hook
     state = load_model_state(work_dir / "iter_6.pth")
     assert {k.split(".")[0] for k in state} == {"projector", "llm"}
     assert all("lora_" in k for k in state if k.startswith("llm."))
@@ -94,3 +94,10 @@ def test_chat_with_an_image_and_a_clear_error_for_a_missing_one(trained, tiny_ll
     assert "tk chat: image 'nowhere.png' not found" in err
     assert main(["chat", tiny_llama_dir, "--image", str(root / "gone.png")]) == 2
     assert "--image" in capsys.readouterr().err
+
+
+def test_log_dataset_shows_the_pictures_as_placeholders(trained, capsys):
+    _, cfg, _, _ = trained
+    assert main(["log-dataset", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "[no loss]<|im_start|>user\nPicture 1: <img>[image: 4 tokens]</img>\nWhat colour is it?" in out

@@ -74,7 +74,11 @@ def pth_to_hf_multimodal(cfg: Config, checkpoint, out, force: bool = False) -> P
 
     from ..model.export import chat_settings
     from ..model.meta import write_meta
-    state = load_model_state(checkpoint)
+    if Path(checkpoint).is_dir():  # a --deepspeed run's checkpoint: one folder of ZeRO partitions
+        from ..engine.strategy import load_zero_checkpoint
+        state = load_zero_checkpoint(checkpoint)
+    else:
+        state = load_model_state(checkpoint)
     model = MODELS.build(cfg.model)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:

@@ -5,27 +5,6 @@ from ..data.encode import IGNORE_INDEX
 from ..data.render import render_masked
 from ..engine.hooks.dataset_info import DatasetInfoHook
 from ..registry import HOOKS
-from .data import IMAGE_TOKEN_ID
-
-
-def render_with_images(input_ids, labels, tokenizer) -> str:
-    """``render_masked`` with each run of image placeholders shown as ``[image: N tokens]``."""
-    pieces, start, i = [], 0, 0
-    while i <= len(input_ids):
-        if i == len(input_ids) or input_ids[i] == IMAGE_TOKEN_ID:
-            if i > start:
-                pieces.append(render_masked(input_ids[start:i], labels[start:i], tokenizer))
-            run = i
-            while i < len(input_ids) and input_ids[i] == IMAGE_TOKEN_ID:
-                i += 1
-            if i > run:
-                pieces.append(f"[image: {i - run} tokens]")
-            start = i
-            if i == len(input_ids):
-                break
-        else:
-            i += 1
-    return "".join(pieces)
 
 
 @HOOKS.register_module()
@@ -39,4 +18,4 @@ class ImageDatasetInfoHook(DatasetInfoHook):
         runner.logger.info(
             f"train set: {len(dataset)} samples; sample 0 has {len(sample['input_ids'])} tokens "
             f"({len(sample['pixel_values'])} pictures), {trained} trained:\n"
-            f"{render_with_images(sample['input_ids'], sample['labels'], self.tokenizer)}")
+            f"{render_masked(sample['input_ids'], sample['labels'], self.tokenizer)}")
