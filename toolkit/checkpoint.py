@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -142,6 +143,28 @@ class AtomicCheckpoints:
         super().save_checkpoint(out_dir, partial, *args, **kwargs)
         if is_main_process():  # mmengine's Runner.save_checkpoint writes on the main process only
             publish(Path(out_dir, partial), Path(out_dir, filename))
+
+
+class AtomicCheckpointFolders:
+    """FlexibleRunner mixin (DeepSpeed, FSDP): every rank writes its part of the checkpoint (a DeepSpeed
+    folder) under one temporary name, rank 0's ``.NAME.partial-PID``; once all ranks are done, rank 0 renames
+    it. A kill mid-save leaves only the temporary folder, which the next run's start removes."""
+
+    def save_checkpoint(self, out_dir, filename, *args, **kwargs):
+        if not _is_local(out_dir):
+            return super().save_checkpoint(out_dir, filename, *args, **kwargs)
+        from mmengine.dist import barrier, broadcast_object_list, is_main_process
+        owner = [os.getpid()]
+        broadcast_object_list(owner)  # one temporary name on every rank: rank 0's
+        partial = f".{filename}.partial-{owner[0]}"
+        super().save_checkpoint(out_dir, partial, *args, **kwargs)
+        barrier()
+        if is_main_process():
+            final = Path(out_dir, filename)
+            if final.is_dir():  # the same step saved again (resumed run): the new one replaces it
+                shutil.rmtree(final)
+            publish(Path(out_dir, partial), final)
+        barrier()
 
 
 def make_checkpoint_hook_safe(runner) -> None:

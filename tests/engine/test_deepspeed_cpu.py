@@ -64,3 +64,47 @@ def test_other_presets_match_in_one_process(preset, model, one_process, tmp_path
     ref, got = one_process[0], losses(tmp_path)
     assert len(got) == STEPS
     assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-4, (ref, got)
+
+
+# A child `tk train` that, when DeepSpeed writes a file of the iter_4 checkpoint, writes half of it and SIGKILLs
+# itself: a power cut in the middle of a checkpoint folder.
+KILL_MID_FOLDER = """
+import os, signal, sys, torch
+save = torch.save
+def save_and_die(obj, f, *args, **kwargs):
+    if isinstance(f, (str, os.PathLike)) and "iter_4" in str(f):
+        with open(f, "wb") as out:
+            out.write(b"PK")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, f, *args, **kwargs)
+torch.save = save_and_die
+from toolkit.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_while_writing_a_deepspeed_folder_resumes_from_the_last_whole_one(model, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(tk_config(model, "full", seq=32, bs=2, steps=6, warmup=1, vocab=256, lr=1e-3, precision="fp32",
+                             samples=16, distinct=2, log_interval=1, save_every=2, gc=False))
+    work = tmp_path / "work"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                       str(Path(__file__).resolve().parents[2] / "tools")]))
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_FOLDER, "train", str(cfg), "--work-dir", str(work),
+                             "--deepspeed", "zero2"], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (work / "iter_2.pth").is_dir() and not (work / "iter_4.pth").exists()
+    assert [p for p in work.glob(".iter_4.pth.partial-*")]       # the cut folder, under its temporary name
+    assert (work / "last_checkpoint").read_text().strip().endswith("iter_2.pth")
+
+    resumed = tk("train", cfg, "--work-dir", work, "--deepspeed", "zero2", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list(work.glob(".iter_*.partial-*"))                # removed at the start of the resumed run
+    assert (work / "iter_6.pth").is_dir()
+    scalars = sorted(work.glob("*/vis_data/scalars.json"))[-1]
+    steps = [json.loads(line)["step"] for line in scalars.read_text().splitlines() if '"loss"' in line]
+    assert steps == [3, 4, 5, 6]

@@ -9,8 +9,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from ..checkpoint import (AtomicCheckpoints, SafeCheckpointLoading, allow_mmengine_checkpoints,
-                          latest_complete_checkpoint, make_checkpoint_hook_safe)
+from ..checkpoint import (AtomicCheckpointFolders, AtomicCheckpoints, SafeCheckpointLoading,
+                          allow_mmengine_checkpoints, latest_complete_checkpoint, make_checkpoint_hook_safe)
 from ..errors import UserError
 from ..outputs import remove_dead_partials
 
@@ -146,7 +146,7 @@ def build_runner(cfg: Config) -> Runner:
         if cfg.strategy.get("type") == "DeepSpeedStrategy":
             from .strategy import register_deepspeed_optimizers
             register_deepspeed_optimizers()
-        bases = (SafeCheckpointLoading, _KeepUserConfig, FlexibleRunner)
+        bases = (AtomicCheckpointFolders, SafeCheckpointLoading, _KeepUserConfig, FlexibleRunner)
         runner = type("TkFlexibleRunner", bases, {}).from_cfg(cfg)
     else:
         runner = TkRunner.from_cfg(cfg)
