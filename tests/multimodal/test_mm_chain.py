@@ -62,7 +62,7 @@ def test_train_lowers_the_loss_and_saves_projector_and_adapter_only(trained):
     assert all("lora_" in k for k in state if k.startswith("llm."))
 
 
-def test_pth_to_hf_and_merge_load_again_with_the_same_logits(trained, tiny_llama_dir, tokenizer):
+def test_pth_to_hf_and_merge_load_again_with_the_same_logits(trained, tiny_llama_dir, tokenizer, capsys):
     root, cfg, work_dir, data = trained
     adapter, merged = root / "adapter", root / "merged"
     assert main(["convert", "pth_to_hf", str(cfg), str(work_dir / "iter_6.pth"), str(adapter)]) == 0
@@ -78,6 +78,7 @@ def test_pth_to_hf_and_merge_load_again_with_the_same_logits(trained, tiny_llama
     expected = logits(model, batch)
     assert torch.allclose(logits(load_multimodal(tiny_llama_dir, str(adapter)), batch), expected, atol=1e-5)
     assert main(["convert", "merge", tiny_llama_dir, str(adapter), str(merged), "--device", "cpu"]) == 0
+    assert "merge check: max |merged - unmerged| logit difference" in capsys.readouterr().out
     assert json.loads((merged / COMPOSITION_FILE).read_text())["llm"] == "model"
     assert torch.allclose(logits(load_multimodal(str(merged)), batch), expected, atol=1e-4)
 

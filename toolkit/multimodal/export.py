@@ -114,7 +114,7 @@ def merge_multimodal(base: str, adapter, out, device: str = "auto", max_shard_si
     """``tk convert merge`` for a multimodal adapter folder: the LLM's adapter (and any new token rows)
     folded into its weights, the projector (and a trained encoder) copied beside it."""
     from ..model.loader import load_tokenizer
-    from ..model.merge import pick_device, tokenizer_source
+    from ..model.merge import check_merged, pick_device, probe_ids, probe_logits, tokenizer_source
     from ..model.meta import META_FILE
     from ..outputs import check_writable_output
     composition = read_composition(adapter)
@@ -122,8 +122,13 @@ def merge_multimodal(base: str, adapter, out, device: str = "auto", max_shard_si
         raise UserError(f"{adapter} holds no LLM adapter (llm: {composition['llm']!r}); there is nothing to merge: "
                         f"use the folder as it is")
     out = check_writable_output(out, force)
-    merged = load_multimodal(base, adapter, dtype=dtype, device=pick_device(device)).llm.merge_and_unload()
+    device = pick_device(device)
+    adapted = load_multimodal(base, adapter, dtype=dtype, device=device).llm
     tokenizer = load_tokenizer(tokenizer_source(base, adapter))
+    probe = probe_ids(tokenizer, device)  # text only: merging changes the LLM, not the picture path
+    unmerged = probe_logits(adapted, probe)
+    merged = adapted.merge_and_unload()
+    check_merged(unmerged, probe_logits(merged, probe), merged.get_input_embeddings().weight.dtype)
     with staged_output(out, force) as staging:
         merged.save_pretrained(str(staging), max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
