@@ -22,14 +22,19 @@ def _plain_decoder(model):
     return decoder, head
 
 
-def causal_lm_loss(model, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
-    """Mean cross-entropy over the trained (label != IGNORE_INDEX) next-token positions."""
+def causal_lm_loss(model, input_ids, labels, attention_mask=None, position_ids=None,
+                   inputs_embeds=None) -> torch.Tensor:
+    """Mean cross-entropy over the trained (label != IGNORE_INDEX) next-token positions.
+
+    ``inputs_embeds`` instead of ``input_ids`` for models that build their own input embeddings (pictures).
+    """
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     parts = _plain_decoder(model)
     if parts is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     labels=labels, use_cache=False).loss
+        return model(**inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                     use_cache=False).loss
     decoder, head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    hidden = decoder(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX

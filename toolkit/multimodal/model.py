@@ -8,14 +8,12 @@ frozen unless ``freeze_vision=False``. Checkpoints hold only the trainable weigh
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import nn
 
 from ..builder import build
-from ..data.encode import IGNORE_INDEX
 from ..errors import UserError
-from ..model.loss import _plain_decoder
+from ..model.loss import causal_lm_loss
 from ..model.sft import SupervisedFinetune
 from .data import IMAGE_TOKEN_ID
 from .encoders import build_vision_encoder
@@ -31,20 +29,6 @@ class MLPProjector(nn.Sequential):
             layers += [nn.GELU(), nn.Linear(out_features, out_features)]
         super().__init__(*layers)
         self.settings = dict(in_features=in_features, out_features=out_features, depth=depth)
-
-
-def embeds_lm_loss(llm, embeds, labels, attention_mask=None) -> torch.Tensor:
-    """Mean cross-entropy over the trained next tokens, from input embeddings (head on trained rows only)."""
-    parts = _plain_decoder(llm)
-    if parts is None:
-        return llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False).loss
-    decoder, head = parts
-    hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    if not bool(keep.any()):
-        return hidden.sum() * 0.0
-    return F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
 
 
 @MODELS.register_module()
@@ -127,7 +111,8 @@ class LlavaFinetune(SupervisedFinetune):
             raise NotImplementedError(f"LlavaFinetune only computes the training loss (mode={mode!r})")
         if position_ids is not None:
             raise UserError("packed samples are not supported with pictures; set pack_to_max_length=False")
-        return {"loss": embeds_lm_loss(self.llm, self.embed(input_ids, pixel_values), labels, attention_mask)}
+        return {"loss": causal_lm_loss(self.llm, None, labels, attention_mask,
+                                       inputs_embeds=self.embed(input_ids, pixel_values))}
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, pad_token_id=None, **kwargs):
