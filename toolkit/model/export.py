@@ -21,9 +21,10 @@ def chat_settings(cfg: Config) -> dict:
             "system": dataset.get("system", cfg.get("system"))}
 
 
-def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
-    check_writable_output(out, force)  # before any weights load
-    if Path(checkpoint).is_dir():  # a --deepspeed run's checkpoint: one folder of ZeRO partitions
+def load_trained_model(cfg: Config, checkpoint):
+    """The config's model with a training checkpoint's weights (a ``.pth``, or a --deepspeed run's folder
+    of ZeRO partitions); one line if the checkpoint does not belong to the config."""
+    if Path(checkpoint).is_dir():
         from ..engine.strategy import load_zero_checkpoint
         state = load_zero_checkpoint(checkpoint)
     else:
@@ -35,11 +36,16 @@ def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
     if result.unexpected_keys:
         raise UserError(f"{checkpoint}: {len(result.unexpected_keys)} weights do not belong to the model that "
                         f"the config builds (e.g. {result.unexpected_keys[0]}); use the config it was trained with")
-    loaded = set(state)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if model.uses_adapter and not trainable <= loaded:
-        raise UserError(f"{checkpoint}: the checkpoint lacks {len(trainable - loaded)} adapter weights "
-                        f"(e.g. {sorted(trainable - loaded)[0]}); is it from this config?")
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
+    if missing:
+        raise UserError(f"{checkpoint}: the checkpoint lacks {len(missing)} trained weights "
+                        f"(e.g. {sorted(missing)[0]}); is it from this config?")
+    return model
+
+
+def pth_to_hf(cfg: Config, checkpoint, out, force: bool = False) -> Path:
+    check_writable_output(out, force)  # before any weights load
+    model = load_trained_model(cfg, checkpoint)
     tokenizer = build(cfg.tokenizer) if "tokenizer" in cfg else None
     with staged_output(Path(out), force) as staging:
         if is_adapter_model(model.llm):  # tk's circuit adapters: their own folder format

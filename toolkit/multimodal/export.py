@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 from mmengine.config import Config
-from mmengine.registry import MODELS
 
 from ..builder import build
 from ..checkpoint import load_model_state
@@ -72,22 +71,9 @@ def pth_to_hf_multimodal(cfg: Config, checkpoint, out, force: bool = False) -> P
     """A training checkpoint of a LlavaFinetune config -> a folder that tk chat / merge load."""
     from safetensors.torch import save_file
 
-    from ..model.export import chat_settings
+    from ..model.export import chat_settings, load_trained_model
     from ..model.meta import write_meta
-    if Path(checkpoint).is_dir():  # a --deepspeed run's checkpoint: one folder of ZeRO partitions
-        from ..engine.strategy import load_zero_checkpoint
-        state = load_zero_checkpoint(checkpoint)
-    else:
-        state = load_model_state(checkpoint)
-    model = MODELS.build(cfg.model)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise UserError(f"{checkpoint}: {len(result.unexpected_keys)} weights do not belong to the model that "
-                        f"the config builds (e.g. {result.unexpected_keys[0]}); use the config it was trained with")
-    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
-    if missing:
-        raise UserError(f"{checkpoint}: the checkpoint lacks {len(missing)} trained weights "
-                        f"(e.g. {sorted(missing)[0]}); is it from this config?")
+    model = load_trained_model(cfg, checkpoint)
     llm_trained = any(p.requires_grad for p in model.llm.parameters())
     kind = "adapter" if model.uses_adapter else "model" if llm_trained else "base"
     base = str(cfg.model.get("llm", {}).get("path", ""))
