@@ -2,7 +2,6 @@
 copy-cfg -> edit -> train -> pth_to_hf -> merge -> merged logits == adapter logits -> chat."""
 import io
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,7 @@ import torch
 from toolkit.checkpoint import load_checkpoint
 from toolkit.cli.main import main
 
-
-def edit_config(path: Path, **settings) -> None:
-    """Change top-level settings in a copied config the way a user does in an editor."""
-    text = path.read_text()
-    for key, value in settings.items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
-        assert n == 1, f"{key} not found in {path.name}"
-    path.write_text(text)
+from cfg_edit import edit_config
 
 
 def losses(work_dir: Path) -> list:

@@ -18,22 +18,28 @@ def _bench():
     return module
 
 
-@pytest.mark.parametrize("name", ["vqc", "tq", "quanta"])
-def test_bf16_base_on_cuda_starts_exact_and_trains(name):
-    from transformers import LlamaConfig, LlamaForCausalLM
+SETTINGS = {"vqc": dict(n_qubits=3), "tq": dict(n_qubits=6), "quanta": dict(dims=[4, 8, 8])}
 
+
+def adapt_and_check_exact_start(model, name):
+    """Put adapter ``name`` on q_proj, v_proj; the adapted model's logits equal the base model's exactly."""
     from toolkit.model.adapters import apply_adapter
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=1000)
-    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 1000, (2, 32), device="cuda")
     with torch.no_grad():
         reference = model(ids).logits
-    settings = {"vqc": dict(n_qubits=3), "tq": dict(n_qubits=6), "quanta": dict(dims=[4, 8, 8])}[name]
-    model = apply_adapter(model, dict(type=name, target_modules=["q_proj", "v_proj"], **settings))
+    model = apply_adapter(model, dict(type=name, target_modules=["q_proj", "v_proj"], **SETTINGS[name]))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference)
+    return model, ids
+
+
+@pytest.mark.parametrize("name", ["vqc", "tq", "quanta"])
+def test_bf16_base_on_cuda_starts_exact_and_trains(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=1000)
+    model, ids = adapt_and_check_exact_start(LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval(), name)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(ids, labels=ids).loss
     loss.backward()
@@ -45,20 +51,12 @@ def test_bf16_base_on_cuda_starts_exact_and_trains(name):
 def test_4bit_base_starts_exact_and_trains(tmp_path, name):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
-    from toolkit.model.adapters import apply_adapter
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                                  vocab_size=1000)).save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": 0}).eval()
-    ids = torch.randint(0, 1000, (2, 32), device="cuda")
-    with torch.no_grad():
-        reference = model(ids).logits
-    settings = {"vqc": dict(n_qubits=3), "tq": dict(n_qubits=6), "quanta": dict(dims=[4, 8, 8])}[name]
-    model = apply_adapter(model, dict(type=name, target_modules=["q_proj", "v_proj"], **settings))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, reference)
+    model, ids = adapt_and_check_exact_start(
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": 0}).eval(), name)
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 

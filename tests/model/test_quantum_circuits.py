@@ -86,22 +86,21 @@ def test_quanta_einsum_golden_and_gate_by_gate_equals_dense():  # QUANTUM.md tes
         torch.testing.assert_close(x @ q.dense(gates, dims).T, by_gate, atol=1e-5, rtol=1e-5)
 
 
-def test_quanta_matmul_chains_equal_the_einsum_with_gradients():
-    """The adapter's path (one 2-D matmul per gate, axes left where the last gate put them)."""
+def test_quanta_update_equals_the_einsum_difference_with_gradients():
+    """The adapter's path (one 2-D matmul per gate, axes left where the last gate put them, padding, crop)."""
     torch.manual_seed(0)
-    for dims in ([4, 2, 3, 2], [16, 8, 8, 4], [2, 3, 4, 5, 2]):
-        sets = [[(torch.randn(dims[b], dims[a], dims[b], dims[a]) / 8).requires_grad_()
-                 for a, b in q.axis_pairs(len(dims))] for _ in range(3)]
-        x = torch.randn(2, 3, math.prod(dims), requires_grad=True)
-        both = q.circuits(x, sets, dims)
-        assert both.shape == (3, 2, 3, math.prod(dims))
-        for got, gates in zip(both, sets):
-            torch.testing.assert_close(got, q.circuit(x, gates, dims), atol=1e-4, rtol=1e-4)
-        weights = torch.randn_like(both)
-        fast = torch.autograd.grad((both * weights).sum(), [x, *sets[1]])
-        slow = torch.autograd.grad(sum((q.circuit(x, gates, dims) * w).sum() for gates, w in zip(sets, weights)),
-                                   [x, *sets[1]])
-        for f, s in zip(fast, slow):
+    for dims, d_in, d_out in (([4, 2, 3, 2], 40, 20), ([16, 8, 8, 4], 4096, 4096), ([2, 3, 4, 5, 2], 240, 230)):
+        t_gates, s_gates = [[(torch.randn(dims[b], dims[a], dims[b], dims[a]) / 8).requires_grad_()
+                             for a, b in q.axis_pairs(len(dims))] for _ in range(2)]
+        x = torch.randn(2, 3, d_in, requires_grad=True)
+        fast = q.quanta_update(x, t_gates, s_gates, dims, math.prod(dims) - d_in, d_out)
+        x_pad = torch.nn.functional.pad(x, (0, math.prod(dims) - d_in))
+        slow = (q.circuit(x_pad, t_gates, dims) - q.circuit(x_pad, s_gates, dims))[..., :d_out]
+        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+        weights = torch.randn_like(fast)
+        inputs = [x, *t_gates, *s_gates]
+        for f, s in zip(torch.autograd.grad((fast * weights).sum(), inputs),
+                        torch.autograd.grad((slow * weights).sum(), inputs)):
             torch.testing.assert_close(f, s, atol=1e-3, rtol=1e-4)
 
 

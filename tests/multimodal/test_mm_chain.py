@@ -2,8 +2,6 @@
 copy-cfg -> edit -> tk train (loss falls) -> pth_to_hf -> same logits -> merge -> same logits -> tk chat --image."""
 import io
 import json
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +13,9 @@ from toolkit.config import load_config
 from toolkit.multimodal.data import build_image_dataset, image_collate_fn
 from toolkit.multimodal.export import COMPOSITION_FILE, PROJECTOR_FILE, load_multimodal
 
+from cfg_edit import edit_config
+
 CONFIG = "smollm2_135m_instruct_llava_lora_emoji"
-
-
-def edit_config(path: Path, **settings) -> None:
-    text = path.read_text()
-    for key, value in settings.items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
-        assert n == 1, f"{key} not found in {path.name}"
-    path.write_text(text)
 
 
 @pytest.fixture(scope="module")

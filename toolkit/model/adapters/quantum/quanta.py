@@ -88,11 +88,6 @@ def _canonical(state, order, lead):
     return state.permute(0, *(1 + order.index(k) for k in range(len(order)))).reshape(*lead, -1)
 
 
-def circuits(x, gate_sets, dims):
-    """Several circuits on the same x (the adapter's path): x [..., D] -> [len(gate_sets), ..., D]."""
-    return torch.stack([_canonical(*_chain(x, gates, dims), x.shape[:-1]) for gates in gate_sets])
-
-
 def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int):
     """Δy = M(T)x - M(S)x, cropped to ``out_features`` (both chains put the axes in the same order).
 

@@ -113,6 +113,7 @@ class VQCDelta(nn.Module):
         return real_form(vqc_unitary_by_states(thetas, self.n_qubits))
 
     def unitary(self):
+        """What the readout multiplies by, as :meth:`batched_unitary` builds it (U, or [Re U; Im U])."""
         u = bank_unitary(self)
         if u is not None:
             return u
