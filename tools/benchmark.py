@@ -282,6 +282,8 @@ def run_baseline(args, method: str, out: Path) -> dict:
                    "--method", "qlora" if method == "qlora" else "lora", "--seq", str(args.seq), "--bs", str(args.bs),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--gc", str(int(not args.no_gc)),
                    "--out", str(result_file)]
+        if args.baseline_optimizer:
+            command += ["--optim", args.baseline_optimizer]
     env = _env(1)
     env.pop("NPROC_PER_NODE", None)
     code = _run(command, out / f"baseline_{method}.log", env, ROOT)
@@ -315,6 +317,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="GPUs (through torchrun) for --deepspeed runs")
     parser.add_argument("--tk-optimizer", choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_fused"],
                         help="tk's optimizer (default: the baseline's)")
+    parser.add_argument("--baseline-optimizer", help="HF Trainer optim name for the baseline (e.g. adamw_torch_fused, "
+                        "to compare memory with the optimizer tk uses); default: its own choice")
     parser.add_argument("--compile", action="store_true", help="tk compiles each transformer block (compile=True)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here)")
     parser.add_argument("--skip-baseline", action="store_true")
