@@ -101,7 +101,7 @@ def profile_step(model, args, rows: int):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         sync(args.device)
-    key = "device_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    key = "self_device_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
     model.zero_grad(set_to_none=True)
 

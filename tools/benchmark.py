@@ -171,7 +171,9 @@ class BenchmarkHook(Hook):
         events = self.profiler.key_averages()
         busy = sum(e.self_device_time_total for e in events) / 1e6
         print_log(f"profile of one step: wall {wall:.3f} s, GPU busy {busy:.3f} s (sum of kernel time)\n"
-                  + events.table(sort_by="self_device_time_total", row_limit=self.profile_rows), logger="current")
+                  + events.table(sort_by="self_device_time_total", row_limit=self.profile_rows)
+                  + "\nby CPU time (the host side: a step whose GPU is idle is bound here)\n"
+                  + events.table(sort_by="cpu_time_total", row_limit=self.profile_rows), logger="current")
         self.profiler = None
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
