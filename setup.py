@@ -35,7 +35,8 @@ extras = {
     "bnb": ["bitsandbytes>=0.45"],
     "web": ["gradio>=6,<7", "fastapi", "uvicorn"],
     # openai + selenium: the serve/web tests (selenium drives Debian's chromium + chromium-driver)
-    "dev": ["pytest>=8", "pytest-xdist", "hypothesis", "openai>=1", "selenium>=4.11",
+    # bitsandbytes: its CPU kernels check tk's torch-op 4-bit path bit for bit (tests/model/test_nf4.py)
+    "dev": ["pytest>=8", "pytest-xdist", "hypothesis", "openai>=1", "selenium>=4.11", "bitsandbytes>=0.45",
             "chatterbot-corpus==1.3.3"],  # real YAML dialogs for the data-format tests (BSD)
 }
 

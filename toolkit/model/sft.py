@@ -20,8 +20,12 @@ def compile_blocks(model) -> int:
     Compiling the block, not the whole model, keeps the graph small and reused by every layer (torch inlines
     module instances, so 32 identical layers share one compiled graph) and keeps gradient checkpointing,
     adapters and tk's loss outside it. Fuses the norms, activations, RoPE, residual adds, dtype casts and
-    LoRA's dropout and scaling into a few kernels. Returns how many blocks were compiled.
+    LoRA's dropout and scaling into a few kernels. bitsandbytes 4-bit linears are routed through torch ops
+    first (:mod:`.nf4`), so their dequantization compiles into the block instead of costing a Python
+    custom-op call each (what bound the compiled QLoRA step). Returns how many blocks were compiled.
     """
+    from .nf4 import use_torch_4bit
+    use_torch_4bit(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
