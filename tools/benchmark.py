@@ -54,7 +54,7 @@ from toolkit.model.sft import SupervisedFinetune
 
 model = dict(
     type=SupervisedFinetune,
-    gradient_checkpointing={gc},{compile}
+    gradient_checkpointing={gc},{compile}{long_context}
     llm=dict(type=load_causal_lm, path={model!r}, dtype={dtype!r}, attn_implementation='sdpa'{quant}),
     adapter={adapter})
 
@@ -99,7 +99,8 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               samples: int | None = None, distinct: int | None = None, seed: int = 0, world_size: int = 1,
               clip: float | None = 1.0,
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
-              dtype: str | None = None, profile_rows: int = 0, compile: bool = False) -> str:
+              dtype: str | None = None, profile_rows: int = 0, compile: bool = False,
+              offload_activations: bool = False, tiled_mlp: bool | int = False, upcast: bool = True) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
     adapter = "None" if method == "full" else (
@@ -121,6 +122,8 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         amp=f", dtype='{'bfloat16' if precision == 'bf16' else 'float16'}'" if amp else "",
         steps=steps, warmup=warmup, optimizer_import=optimizer_import, profile_rows=profile_rows,
         compile="\n    compile=True," if compile else "",
+        long_context=("\n    offload_activations=True," if offload_activations else "")
+        + (f"\n    tiled_mlp={tiled_mlp}," if tiled_mlp else "") + ("" if upcast else "\n    upcast_unquantized=False,"),
         peak=f", peak_tflops={peak_tflops}" if peak_tflops else "", log_interval=log_interval,
         checkpoint=("None" if not save_every else
                     f"dict(type='CheckpointHook', by_epoch=False, interval={save_every}, max_keep_ckpts=1)"))
@@ -258,7 +261,9 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
     cfg = work / f"bench_{method}.py"
     cfg.write_text(tk_config(args.model, method, args.seq, args.bs, args.steps, args.warmup, vocab,
                              gc=not args.no_gc, world_size=args.nproc, peak_tflops=args.peak_tflops,
-                             optimizer=args.tk_optimizer, profile_rows=args.profile, compile=args.compile))
+                             optimizer=args.tk_optimizer, profile_rows=args.profile, compile=args.compile,
+                             offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp or False,
+                             upcast=not args.no_upcast))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
     if args.deepspeed:
         command += ["--deepspeed", args.deepspeed]
@@ -322,6 +327,12 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-optimizer", help="HF Trainer optim name for the baseline (e.g. adamw_torch_fused, "
                         "to compare memory with the optimizer tk uses); default: its own choice")
     parser.add_argument("--compile", action="store_true", help="tk compiles each transformer block (compile=True)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="tk keeps the checkpointed block inputs in host memory (docs/long_context.md)")
+    parser.add_argument("--tiled-mlp", type=int, nargs="?", const=True, metavar="TOKENS",
+                        help="tk runs each MLP over tiles of the sequence (default tile 8192 tokens)")
+    parser.add_argument("--no-upcast", action="store_true", help="tk's QLoRA keeps embeddings, norms and LM head "
+                        "bf16 (a bf16 residual stream) instead of peft's fp32: half the checkpointed activations")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",

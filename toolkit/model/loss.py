@@ -3,11 +3,22 @@
 Prompt tokens carry no loss, so their logits (vocab-sized: 49k columns for SmolLM2, 32k+ for 7B models)
 are never needed. Computing the head on the trained positions alone gives the same loss and gradients
 as ``model(labels=...)`` with less time and memory.
+
+Above ``chunk_tokens`` trained positions the head and the cross-entropy run chunk by chunk, each chunk
+under ``torch.utils.checkpoint``: its logits exist only while that chunk is computed (forward) or
+recomputed (backward), so a 256k-token sequence never holds 256k x vocab fp32 logits (32 GiB at a 32k
+vocab), only one chunk's (1 GiB at 8192 tokens). The loss is the sum over all chunks divided once by the
+trained count, so it and its gradients are the unchunked ones up to float rounding. The price is one more
+head forward per chunk in backward (about 2% of a 7B step).
 """
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..data.encode import IGNORE_INDEX
+
+#: trained positions per head chunk; 8192 x 32000 fp32 logits = 1 GiB
+DEFAULT_CHUNK_TOKENS = 8192
 
 
 def _plain_decoder(model):
@@ -22,11 +33,34 @@ def _plain_decoder(model):
     return decoder, head
 
 
+def _summed_cross_entropy(head, hidden, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def head_cross_entropy(head, hidden, targets, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` ([N, hidden] -> [N, vocab]) against ``targets`` [N].
+
+    At most ``chunk_tokens`` rows of logits exist at a time (None: all at once). N must be > 0.
+    """
+    count = targets.numel()
+    if chunk_tokens is None or count <= chunk_tokens:
+        return F.cross_entropy(head(hidden).float(), targets)
+    total = None
+    for piece, target in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        part = (checkpoint(_summed_cross_entropy, head, piece, target, use_reentrant=False,
+                              preserve_rng_state=False)
+                if torch.is_grad_enabled() else _summed_cross_entropy(head, piece, target))
+        total = part if total is None else total + part
+    return total / count
+
+
 def causal_lm_loss(model, input_ids, labels, attention_mask=None, position_ids=None,
-                   inputs_embeds=None) -> torch.Tensor:
+                   inputs_embeds=None, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Mean cross-entropy over the trained (label != IGNORE_INDEX) next-token positions.
 
     ``inputs_embeds`` instead of ``input_ids`` for models that build their own input embeddings (pictures).
+    ``chunk_tokens``: see :func:`head_cross_entropy` (the model's own forward, used for heads that are more
+    than a linear layer, is not chunked).
     """
     inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     parts = _plain_decoder(model)
@@ -40,5 +74,4 @@ def causal_lm_loss(model, input_ids, labels, attention_mask=None, position_ids=N
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
         return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph connected
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep])
+    return head_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk_tokens)

@@ -11,8 +11,10 @@ holds two 4-bit codes, high nibble first; value = code_table[nibble] * absmax[bl
 fp32 and rounded once to the compute dtype. Eagerly on a CPU the weights come out bit for bit as
 ``bitsandbytes.functional.dequantize_4bit`` gives them (tested).
 
-The weight is never kept dequantized: the backward dequantizes it again (what bitsandbytes' own
-``MatMul4Bit`` does), so memory stays that of the 4-bit weights.
+Eagerly, the weight is never kept dequantized: the backward dequantizes it again (what bitsandbytes'
+own ``MatMul4Bit`` does). Compiled, Inductor's partitioner may instead keep the bf16 weight of the layer
+being differentiated for its backward (measured on the H100: it does); under gradient checkpointing that is
+one transformer block's weights at a time (~0.4 GB for a 7B block), not the model's.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def dequantize(packed, code, absmax, absmax2, absmax2_code, offset, shape, block
 
 
 class _Linear4bit(torch.autograd.Function):
-    """y = x W^T + b with W dequantized in forward and again in backward (never saved)."""
+    """y = x W^T + b with W dequantized in forward and again in backward (saved: the 4-bit state only)."""
 
     @staticmethod
     def forward(ctx, x, bias, packed, code, absmax, absmax2, absmax2_code, offset, shape, blocksize, blocksize2):

@@ -7,7 +7,8 @@ from mmengine.model import BaseModel
 
 from ..builder import build
 from .adapters import apply_adapter
-from .loss import causal_lm_loss
+from .long_context import apply_long_context, check_options, restore_dtypes
+from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 
 
 def _is_quantized(model) -> bool:
@@ -40,22 +41,38 @@ class SupervisedFinetune(BaseModel):
     With an adapter, only the adapter's weights are trainable and only they go into checkpoints;
     without one (full fine-tuning), every weight does. ``compile=True`` compiles each transformer block
     on CUDA (:func:`compile_blocks`); on a CPU the option is ignored with a log line.
+
+    Long context (docs/long_context.md): ``offload_activations`` keeps the checkpointed block inputs in host
+    memory, ``tiled_mlp`` (True or tokens per tile) runs each MLP over tiles of the sequence, and
+    ``loss_chunk_tokens`` (None: never) bounds how many positions' logits exist at once.
+    ``upcast_unquantized=False`` (4/8-bit models) keeps the weights bitsandbytes did not quantize in their
+    loaded dtype instead of peft's fp32 (whose fp32 embeddings make the whole residual stream fp32).
     """
 
     def __init__(self, llm, adapter=None, gradient_checkpointing: bool = False, compile: bool = False,
+                 offload_activations: bool = False, tiled_mlp: bool | int = False,
+                 loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, upcast_unquantized: bool = True,
                  data_preprocessor=None):
         super().__init__(data_preprocessor=data_preprocessor)
+        tile_tokens, self.loss_chunk_tokens = check_options(gradient_checkpointing, offload_activations, tiled_mlp,
+                                                            loss_chunk_tokens)
         model = build(llm) if isinstance(llm, dict) else llm
         model.config.use_cache = False
         if _is_quantized(model):
             from peft import prepare_model_for_kbit_training
+            loaded = {name: p.dtype for name, p in model.named_parameters()}
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            if not upcast_unquantized:
+                restore_dtypes(model, loaded)
         elif gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if adapter is not None:
                 model.enable_input_require_grads()
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
+        self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens, compile)
+        for line in lines:
+            print_log(line, logger="current")
         if compile and torch.cuda.is_available():
             print_log(f"compile=True: {compile_blocks(self.llm)} transformer blocks compiled", logger="current")
         elif compile:
@@ -65,7 +82,8 @@ class SupervisedFinetune(BaseModel):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, mode: str = "loss"):
         if mode != "loss":
             raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
-        return {"loss": causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids)}
+        return {"loss": causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids,
+                                       chunk_tokens=self.loss_chunk_tokens)}
 
     def init_weights(self) -> None:
         """Nothing to do: weights come from the checkpoint and the adapter's own init. mmengine's Runner

@@ -37,15 +37,18 @@ class QuantumLinear(nn.Module):
         return self.base_layer.bias
 
     @torch.compiler.disable
-    def _delta(self, x):
+    def _delta(self, x, dtype):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.delta(self.dropout(x).float())
+            x = self.dropout(x)
+            if getattr(self.delta, "casts_input", False):   # fp32 inside, cast fused into its own copies
+                return self.delta(x, out_dtype=dtype)
+            return self.delta(x.float()).to(dtype)
 
     def forward(self, x):
         y = self.base_layer(x)
         if self.merged:
             return y
-        return y + self._delta(x).to(y.dtype)
+        return y + self._delta(x, y.dtype)
 
     @torch.no_grad()
     def _fold(self, sign: int) -> None:

@@ -8,6 +8,8 @@ update Δy = M(T)x - M(S)x exactly zero at the start (W itself is never touched 
 """
 from __future__ import annotations
 
+import functools
+import heapq
 import itertools
 import math
 import string
@@ -66,10 +68,10 @@ def circuit(x, gates, dims):
 
 
 def _chain(x, gates, dims):
-    """The circuit as one 2-D matmul per gate, the axes left where the last gate put them.
+    """Reference chain: one 2-D matmul per gate, the two axes it acts on moved last (autograd builds the graph).
 
-    Returns the state [tokens, axes...] and ``order`` (which axis sits where). Only the two axes a gate acts
-    on are moved last, so a gate costs at most one copy and its weight gradient is one plain GEMM.
+    Returns the state [tokens, axes...] and ``order`` (which axis sits where). Kept as the simple reference
+    that :class:`_QuantaChains` (the adapter's path) is tested against.
     """
     n = len(dims)
     state, order = x.reshape(-1, *dims), list(range(n))
@@ -88,15 +90,236 @@ def _canonical(state, order, lead):
     return state.permute(0, *(1 + order.index(k) for k in range(len(order)))).reshape(*lead, -1)
 
 
-def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int):
-    """Δy = M(T)x - M(S)x, cropped to ``out_features`` (both chains put the axes in the same order).
-
-    Left eager: its GEMMs dominate, and torch.compile spent minutes on the permute chain (H100, torch 2.11).
-    """
+def reference_update(x, t_gates, s_gates, dims, pad: int, out_features: int):
+    """Δy = M(T)x - M(S)x by :func:`_chain` and autograd: the plain path the fused one must equal."""
     if pad:
         x = nn.functional.pad(x, (0, pad))
     (state_t, order), (state_s, _) = _chain(x, t_gates, dims), _chain(x, s_gates, dims)
     return _canonical(state_t - state_s, order, x.shape[:-1])[..., :out_features]
+
+
+def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dtype=None):
+    """Δy = M(T)x - M(S)x, cropped to ``out_features``, in ``out_dtype`` (default: fp32).
+
+    x may be in any float dtype; the math runs in fp32. One hand-written autograd node for both circuits
+    (:class:`_QuantaChains`): on a 7B model the autograd version was bound by the CPU launching ~100 small
+    ops per layer. Left eager: torch.compile spent minutes on the permute chain (H100, torch 2.11).
+    """
+    lead = x.shape[:-1]
+    out = _QuantaChains.apply(x.reshape(-1, x.shape[-1]), tuple(dims), pad, out_features,
+                              out_dtype or torch.float32, len(t_gates), *t_gates, *s_gates)
+    return out.reshape(*lead, out_features)
+
+
+TOKENS = -1   # the token axis in a layout
+
+
+def plan(n_axes: int):
+    """Layouts for the gate chain with the fewest full-state copies (cached per number of axes).
+
+    A gate is one 2-D GEMM, with no copy, when its two axes sit together at either end of the state's
+    memory layout: at the front it multiplies from the left ([pair, rest]), at the back from the right
+    ([rest, pair]), and the GEMM may write its result with the pair at either end (cuBLAS writes a
+    transposed product for free). Gates on disjoint axes may swap. Between gates a copy moves axes; the
+    search (Dijkstra over layout and set of applied gates) finds the fewest copies: 4 for 4 axes where
+    moving each gate's axes last took 5, 2 for 3 axes. Steps: ("perm", new_layout) or
+    ("gate", index, layout_in, layout_out, side_in, side_out).
+    """
+    return _plan(n_axes)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(n: int):
+    pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
+    preds = [sum(1 << i for i in range(j) if set(pairs[i]) & set(pairs[j])) for j in range(len(pairs))]
+    done, start = (1 << len(pairs)) - 1, (TOKENS, *range(n))
+    if n > 4:          # the search grows fast; there, move each gate's two axes to the back (one copy a gate)
+        return _greedy_plan(pairs, start)
+
+    def available(mask):
+        return [g for g in range(len(pairs)) if not mask >> g & 1 and preds[g] & mask == preds[g]]
+
+    def moves(layout, mask):   # copies worth making: an available gate's pair to an end (+ a second pair)
+        out = set()
+        for g in available(mask):
+            for p in (pairs[g], pairs[g][::-1]):
+                rest = tuple(s for s in layout if s not in p)
+                out.update((p + rest, rest + p))
+                for h in range(len(pairs)):
+                    if not mask >> h & 1 and h != g and not set(pairs[h]) & set(p):
+                        for q in (pairs[h], pairs[h][::-1]):
+                            middle = tuple(s for s in rest if s not in q)
+                            out.update((p + middle + q, q + middle + p))
+        out.discard(layout)
+        return out
+
+    heap, seen, tie = [(0, 0, 0, start, ())], set(), itertools.count(1)
+    while heap:
+        cost, _, mask, layout, steps = heapq.heappop(heap)
+        if mask == done:
+            return steps
+        if (layout, mask) in seen:
+            continue
+        seen.add((layout, mask))
+        for g in available(mask):
+            for side in ("L", "R"):
+                pair = layout[:2] if side == "L" else layout[-2:]
+                if set(pair) == set(pairs[g]):
+                    rest = layout[2:] if side == "L" else layout[:-2]
+                    for out in ("R", "L"):
+                        new = pair + rest if out == "L" else rest + pair
+                        heapq.heappush(heap, (cost, next(tie), mask | 1 << g, new,
+                                              steps + (("gate", g, layout, new, side, out),)))
+        for new in moves(layout, mask):
+            heapq.heappush(heap, (cost + 1, next(tie), mask, new, steps + (("perm", new),)))
+    raise AssertionError("no plan")  # pragma: no cover
+
+
+def _greedy_plan(pairs, layout):
+    steps = []
+    for g, (a, b) in enumerate(pairs):
+        new = tuple(s for s in layout if s not in (a, b)) + (b, a)
+        if new != layout:
+            steps.append(("perm", new))
+        steps.append(("gate", g, new, new, "R", "R"))
+        layout = new
+    return tuple(steps)
+
+
+def _sizes(layout, dims, tokens):
+    return [tokens if s == TOKENS else dims[s] for s in layout]
+
+
+def _oriented(gate, pair, b_axis):
+    """Gate [n_b, n_a, n_b, n_a] as an [out, in] matrix over the layout's pair order."""
+    size = gate.shape[0] * gate.shape[1]
+    return (gate if pair[0] == b_axis else gate.permute(1, 0, 3, 2)).reshape(size, size)
+
+
+def _as_side(state, side, size):
+    """[B, ...] -> [B, size, R] (pair at the front) or [B, R, size] (pair at the back); no copy."""
+    return state.reshape(state.shape[0], size, -1) if side == "L" else state.reshape(state.shape[0], -1, size)
+
+
+def _pair_first(m, side):
+    """A [B, size, R] / [B, R, size] operand seen as [B, size, R] (a transposed view, no copy)."""
+    return m if side == "L" else m.mT
+
+
+class _QuantaChains(torch.autograd.Function):
+    """Both circuits, M(T)x and M(S)x, as one stacked state [2, layout...]: each gate is one batched GEMM
+    for the two circuits and each axis move one copy for both. Backward reuses the forward's layouts; the
+    gate gradients of T are plain 2-D GEMMs with the token axis as the (long) reduction, which keeps
+    cuBLAS's split-K kernels (a batched weight-gradient GEMM lost them and ran 11x slower). S has no
+    gradient; when x needs none either, only T's chain runs backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates):
+        t_gates, s_gates = [g.float() for g in gates[:n_gates]], [g.float() for g in gates[n_gates:]]
+        n, tokens, steps = len(dims), x.shape[0], plan(len(dims))
+        pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
+        state = (nn.functional.pad(x.float(), (0, pad)) if pad else x.float()).reshape(1, tokens, *dims)
+        saved, layout, shared = [], (TOKENS, *range(n)), True   # shared: T and S still have the same state
+        for step in steps:
+            if step[0] == "perm":
+                new = step[1]
+                state = state.permute(0, *(1 + layout.index(s) for s in new)).contiguous()
+                layout = new
+                continue
+            _, g, layout_in, layout_out, side_in, side_out = step
+            pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
+            size = dims[pair[0]] * dims[pair[1]]
+            mats = torch.stack([_oriented(t_gates[g], pair, pairs[g][1]),
+                                _oriented(s_gates[g], pair, pairs[g][1])])
+            saved.append(state)
+            inp = _pair_first(_as_side(state, side_in, size), side_in)          # [1 or 2, size, R]
+            if shared:                                  # first gate: one input, two circuits, two GEMMs
+                out = inp.new_empty(2, *(inp.shape[1:] if side_out == "L" else inp.mT.shape[1:]))
+                for k in range(2):
+                    if side_out == "L":
+                        torch.mm(mats[k], inp[0], out=out[k])
+                    else:
+                        torch.mm(inp[0].mT, mats[k].mT, out=out[k])
+                shared = False
+            else:
+                out = mats @ inp if side_out == "L" else inp.mT @ mats.mT
+            state = out.reshape(2, *_sizes(layout_out, dims, tokens))
+            layout = layout_out
+        canonical = state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
+        delta = torch.empty(tokens, *dims, dtype=out_dtype, device=x.device)
+        torch.sub(canonical[0], canonical[1], out=delta)            # one kernel: difference, layout, cast
+        ctx.meta = (dims, pad, out_features, steps, pairs, layout, x.dtype, x.shape[1])
+        ctx.save_for_backward(*saved, *t_gates, *s_gates)
+        return delta.reshape(tokens, -1)[:, :out_features]
+
+    @staticmethod
+    def backward(ctx, grad):
+        dims, pad, out_features, steps, pairs, layout, x_dtype, d_in = ctx.meta
+        n_steps = sum(step[0] == "gate" for step in steps)
+        saved, t_gates, s_gates = (ctx.saved_tensors[:n_steps], ctx.saved_tensors[n_steps:2 * n_steps],
+                                   ctx.saved_tensors[2 * n_steps:])
+        n, tokens, need_x = len(dims), grad.shape[0], ctx.needs_input_grad[0]
+        chains = 2 if need_x else 1                     # S's chain only carries x's gradient
+        full = grad.new_zeros(tokens, math.prod(dims)) if out_features < math.prod(dims) else None
+        if full is not None:
+            full[:, :out_features] = grad
+            grad = full
+        g_state = torch.empty(chains, *_sizes(layout, dims, tokens), dtype=torch.float32, device=grad.device)
+        canonical = g_state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
+        canonical.copy_(grad.reshape(1, tokens, *dims).expand(chains, *canonical.shape[1:]))
+        t_grads = [None] * len(t_gates)
+        index = n_steps
+        befores = _layouts_before(steps, n)
+        for i in reversed(range(len(steps))):
+            step = steps[i]
+            if step[0] == "perm":
+                previous = befores[i]
+                g_state = g_state.permute(0, *(1 + layout.index(s) for s in previous)).contiguous()
+                layout = previous
+                continue
+            _, g, layout_in, layout_out, side_in, side_out = step
+            index -= 1
+            pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
+            size = dims[pair[0]] * dims[pair[1]]
+            g_out = _pair_first(_as_side(g_state, side_out, size), side_out)         # [chains, size, R]
+            inp = _as_side(saved[index], side_in, size)[0]
+            if ctx.needs_input_grad[6 + g]:
+                grad_t = g_out[0] @ _pair_first(inp[None], side_in)[0].mT            # [size_out, size_in]
+                t_grads[g] = _unoriented(grad_t, pair, pairs[g][1], dims)
+            layout = layout_in
+            if index == 0 and not need_x:
+                break
+            mats = torch.stack([_oriented(t_gates[g], pair, pairs[g][1]),
+                                _oriented(s_gates[g], pair, pairs[g][1])])[:chains]
+            if side_in == "L":
+                g_in = mats.mT @ g_out
+            else:
+                g_in = g_out.mT @ mats
+            g_state = g_in.reshape(chains, *_sizes(layout_in, dims, tokens))
+        grad_x = None
+        if need_x:
+            canonical = g_state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
+            grad_x = torch.empty(tokens, *dims, dtype=x_dtype, device=grad.device)
+            torch.sub(canonical[0], canonical[1], out=grad_x)
+            grad_x = grad_x.reshape(tokens, -1)[:, :d_in]
+        return (grad_x, None, None, None, None, None, *t_grads, *([None] * len(s_gates)))
+
+
+def _layouts_before(steps, n):
+    """The layout in force before each step."""
+    layout, out = (TOKENS, *range(n)), []
+    for step in steps:
+        out.append(layout)
+        layout = step[1] if step[0] == "perm" else step[3]
+    return out
+
+
+def _unoriented(mat, pair, b_axis, dims):
+    """Inverse of :func:`_oriented` for a gradient: [out, in] -> [n_b, n_a, n_b, n_a]."""
+    first, second = dims[pair[0]], dims[pair[1]]
+    grad = mat.reshape(first, second, first, second)
+    return grad if pair[0] == b_axis else grad.permute(1, 0, 3, 2)
 
 
 def dense(gates, dims):
@@ -129,9 +352,11 @@ class QuantaDelta(nn.Module):
     def S(self):
         return [getattr(self, f"S{i}") for i in range(len(self.T))]
 
-    def forward(self, x):
-        return quanta_update(x, [t.float() for t in self.T], [s.float() for s in self.S], self.dims,
-                             math.prod(self.dims) - x.shape[-1], self.out_features)
+    casts_input = True      # takes x in the base dtype: the fp32 cast is fused into the first copy
+
+    def forward(self, x, out_dtype=None):
+        return quanta_update(x, list(self.T), self.S, self.dims, math.prod(self.dims) - x.shape[-1],
+                             self.out_features, out_dtype)
 
     def delta_weight(self):
         delta = dense([t.float() for t in self.T], self.dims) - dense([s.float() for s in self.S], self.dims)
