@@ -1,0 +1,77 @@
+"""``SupervisedFinetune``'s long-context switches: checked, then applied to the HF model.
+
+- ``loss_chunk_tokens``: the LM head + cross-entropy in chunks (:func:`.loss.head_cross_entropy`)
+- ``offload_activations``: checkpointed block inputs in host memory (:mod:`.offload`)
+- ``tiled_mlp``: each block's MLP over tiles of the sequence (:mod:`.tiled_mlp`)
+- ``upcast_unquantized=False``: QLoRA keeps a bf16 residual stream (:func:`restore_dtypes`)
+
+docs/long_context.md has the memory arithmetic and the commands.
+"""
+from __future__ import annotations
+
+from ..errors import UserError
+from .offload import ActivationOffloader, checkpoint_inside_compiled_block, offload_checkpointed_inputs
+from .tiled_mlp import DEFAULT_TILE_TOKENS, tile_mlps
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"model.{name} = {value!r} must be a positive number of tokens; set it to one "
+                        f"(e.g. 8192) or remove it")
+    return value
+
+
+def check_options(gradient_checkpointing: bool, offload_activations: bool, tiled_mlp,
+                  loss_chunk_tokens) -> tuple[int | None, int | None]:
+    """(MLP tile tokens or None, loss chunk tokens or None) from the user's settings; one-line UserError
+    for a value that cannot work."""
+    if offload_activations and not gradient_checkpointing:
+        raise UserError("model.offload_activations=True moves the inputs that gradient checkpointing keeps; "
+                        "set model.gradient_checkpointing=True as well")
+    tile = None
+    if tiled_mlp is True:
+        tile = DEFAULT_TILE_TOKENS
+    elif tiled_mlp is not False and tiled_mlp is not None:
+        tile = _positive("tiled_mlp", tiled_mlp)
+    chunk = None if loss_chunk_tokens is None else _positive("loss_chunk_tokens", loss_chunk_tokens)
+    return tile, chunk
+
+
+def apply_long_context(model, offload_activations: bool, tile_tokens: int | None, compile: bool = False) -> tuple:
+    """Apply the switches to ``model`` (after its adapter). Returns (the offloader or None, log lines)."""
+    lines, offloader = [], None
+    if offload_activations:
+        offloader = ActivationOffloader()
+        count = offload_checkpointed_inputs(model, offloader)
+        if count == 0:
+            raise UserError("model.offload_activations=True: this model has no gradient-checkpointed blocks to "
+                            "offload; set model.gradient_checkpointing=True")
+        lines.append(f"offload_activations=True: the checkpointed inputs of {count} blocks go to host memory")
+        if compile and checkpoint_inside_compiled_block():
+            lines.append("offload_activations=True with compile=True: this transformers version checkpoints inside "
+                         "each block's forward, so torch.compile meets the offload hooks there and runs the blocks "
+                         "eagerly (same numbers, no fused kernels); transformers 5.17 keeps them apart")
+    if tile_tokens:
+        count = tile_mlps(model, tile_tokens)
+        if count == 0:
+            raise UserError(f"model.tiled_mlp: no per-token MLP (a block's `mlp` child named ...MLP) found in "
+                            f"{type(model).__name__}; remove tiled_mlp from the model")
+        lines.append(f"tiled_mlp: {count} MLPs run over tiles of {tile_tokens} tokens")
+    return offloader, lines
+
+
+def restore_dtypes(model, loaded: dict) -> int:
+    """Cast parameters back to the dtype they were loaded in (``{name: dtype}``); returns how many changed.
+
+    peft's ``prepare_model_for_kbit_training`` casts every weight bitsandbytes left unquantized (embeddings,
+    norms, LM head) to fp32. The fp32 embedding output then makes the residual stream between blocks fp32,
+    which doubles what gradient checkpointing keeps (256k tokens x 4096 x 32 layers: 128 GiB instead of 64).
+    Keeping them bf16 is what bf16 LoRA does; norms still compute in fp32 inside.
+    """
+    changed = 0
+    for name, param in model.named_parameters():
+        dtype = loaded.get(name)
+        if dtype is not None and param.dtype != dtype and param.is_floating_point():
+            param.data = param.data.to(dtype)
+            changed += 1
+    return changed

@@ -1,0 +1,127 @@
+"""Checkpointed activations in host memory: what gradient checkpointing keeps between forward and backward.
+
+With gradient checkpointing, each transformer block keeps only its input (the hidden states, [batch,
+tokens, hidden]) until backward recomputes it. At long context those inputs are most of what stays on the
+GPU: a 7B llama at 256k tokens keeps 32 layers x 256k x 4096 values (64 GiB in bf16, 128 GiB in fp32).
+:func:`offload_checkpointed_inputs` wraps the model's checkpoint function in ``saved_tensors_hooks`` that
+copy those inputs to pinned host memory in forward and bring each back when backward reaches its block.
+
+Only the block inputs are moved: non-reentrant checkpointing saves them through the hooks that are active
+around the ``checkpoint`` call, while everything a block saves inside goes through checkpoint's own,
+innermost hooks (so it is recomputed, never copied). On CUDA the copies run on a side stream, overlapped
+with compute: forward copies a block's input out while the next blocks run; backward, on bringing block
+k's input back, already starts fetching block k-1's, so it is ready when the recompute reaches it.
+The same idea as ``torch.autograd.graph.save_on_cpu`` (which copies every saved tensor, on the compute
+stream), DeepSpeed's ``cpu_checkpointing`` and unsloth's offloaded gradient checkpointing.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+class _Offloaded:
+    """One saved tensor in host memory; ``prev`` is the one saved just before it (the next one backward needs)."""
+
+    __slots__ = ("host", "device", "device_copy", "ready", "prev", "__weakref__")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, prev):
+        self.host, self.device, self.prev = host, device, prev
+        self.device_copy, self.ready = None, None
+
+
+class ActivationOffloader:
+    """``pack``/``unpack`` for ``saved_tensors_hooks``: device tensors go to (pinned) host memory.
+
+    ``packed_count``/``packed_bytes`` count what was copied out (tests and logs read them).
+    """
+
+    def __init__(self):
+        self.stream = None
+        self.packed_count = self.packed_bytes = 0
+        self._last = None  # weak reference to the most recently packed _Offloaded
+
+    def _side_stream(self):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.numel() == 0:
+            return tensor  # checkpoint's own empty marker tensor
+        cuda = tensor.device.type == "cuda"
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        if cuda:
+            stream = self._side_stream()
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(stream)  # its memory is reused only once the copy is done
+        else:
+            host.copy_(tensor)
+        prev = self._last() if self._last is not None else None
+        item = _Offloaded(host, tensor.device, weakref.ref(prev) if prev is not None else None)
+        self._last = weakref.ref(item)
+        self.packed_count += 1
+        self.packed_bytes += tensor.numel() * tensor.element_size()
+        return item
+
+    def _fetch(self, item: _Offloaded) -> None:
+        """Start copying ``item`` back to its device (on the side stream where CUDA is present)."""
+        if item.device.type != "cuda":
+            item.device_copy = item.host.to(item.device)
+            return
+        main = torch.cuda.current_stream(item.device)
+        item.device_copy = torch.empty(item.host.shape, dtype=item.host.dtype, device=item.device)
+        stream = self._side_stream()
+        stream.wait_stream(main)  # the new block's memory may still be read by earlier kernels
+        with torch.cuda.stream(stream):
+            item.device_copy.copy_(item.host, non_blocking=True)
+            item.ready = torch.cuda.Event()
+            item.ready.record(stream)
+
+    def unpack(self, item):
+        if isinstance(item, torch.Tensor):
+            return item
+        if item.device_copy is None:
+            self._fetch(item)
+        if item.ready is not None:
+            torch.cuda.current_stream(item.device).wait_event(item.ready)
+        tensor, item.device_copy, item.ready = item.device_copy, None, None
+        prev = item.prev() if item.prev is not None else None
+        if prev is not None and prev.device_copy is None and item.device.type == "cuda":
+            self._fetch(prev)  # prefetch: the block before this one is recomputed next
+        return tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def offloaded_checkpoint(offloader: ActivationOffloader, function, *args, **kwargs):
+    """Non-reentrant ``checkpoint`` whose saved inputs live in host memory (drop-in for HF's checkpoint function)."""
+    kwargs["use_reentrant"] = False
+    with offloader.hooks():
+        return checkpoint(function, *args, **kwargs)
+
+
+def offload_checkpointed_inputs(model, offloader: ActivationOffloader) -> int:
+    """Make every module that checkpoints (HF sets ``gradient_checkpointing`` and ``_gradient_checkpointing_func``
+    on each decoder layer) keep its checkpointed inputs in host memory through ``offloader``. Returns how many
+    decoder layers; 0 means gradient checkpointing is not enabled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    function = functools.partial(offloaded_checkpoint, offloader)
+    modules = [m for m in model.modules()
+               if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+    for module in modules:
+        module._gradient_checkpointing_func = function
+    return sum(isinstance(m, GradientCheckpointingLayer) for m in modules)
+
+
+def checkpoint_inside_compiled_block() -> bool:
+    """True where transformers checkpoints inside a block's ``forward`` (5.2x) rather than around its
+    ``__call__`` (5.17): there ``block.compile()`` compiles the checkpoint call too, and the offload hooks with it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return "__call__" not in vars(GradientCheckpointingLayer)
