@@ -89,6 +89,52 @@ def test_compiled_update_equals_eager_with_gradients(monkeypatch, name, settings
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dims, d_in, d_out", [([16, 8, 8, 4], 4096, 4096), ([16, 8, 8, 4], 4096, 1024),
+                                               ([4, 8, 8], 200, 256)])
+def test_quanta_fused_path_on_cuda_equals_the_reference(monkeypatch, dims, d_in, d_out):
+    """quanta on CUDA runs one autograd node for both circuits (batched GEMMs, planned layouts, transposed
+    GEMM outputs); it equals the per-gate autograd reference on the CPU, values and gradients, for a bf16 x."""
+    import math
+    from toolkit.model.adapters.quantum import quanta as q
+    monkeypatch.delenv("TK_QUANTA_FUSED", raising=False)
+    torch.manual_seed(0)
+    t_gates = [torch.randn(dims[b], dims[a], dims[b], dims[a]) / 8 for a, b in q.axis_pairs(len(dims))]
+    s_gates = [torch.randn_like(t) / 8 for t in t_gates]
+    x = torch.randn(3, 77, d_in).bfloat16()
+    weights = torch.randn(3, 77, d_out).bfloat16().float()        # exact in bf16: the bf16 output's gradient
+    results = []
+    for device in ("cuda", "cpu"):
+        ts = [t.to(device, copy=True).requires_grad_() for t in t_gates]
+        xd = x.to(device, copy=True).requires_grad_()
+        out = q.quanta_update(xd, ts, [s.to(device) for s in s_gates], dims, math.prod(dims) - d_in, d_out,
+                              torch.bfloat16 if device == "cuda" else None)
+        if device == "cuda":
+            nodes = [out.grad_fn] + [f for f, _ in out.grad_fn.next_functions if f is not None]
+            assert any("QuantaChains" in type(f).__name__ for f in nodes), nodes
+        (out.float() * weights.to(device)).sum().backward()
+        results.append([out.float().cpu(), xd.grad.float().cpu()] + [t.grad.cpu() for t in ts])
+    cuda, cpu = results
+    for a, b in zip(cuda[:2], cpu[:2]):             # Δy and x's gradient: fp32 math, one rounding to bf16
+        torch.testing.assert_close(a, b, atol=1e-2 * b.abs().max().item(), rtol=1e-2)
+    for a, b in zip(cuda[2:], cpu[2:]):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+
+
+def test_vqc_expval_build_on_cuda_equals_the_reference():
+    """The expval unitary build (real-view and complex batched GEMMs, adjoint backward) on CUDA equals the
+    einsum build, values and θ gradients, at the bench's n = 10."""
+    import math
+    from toolkit.model.adapters.quantum.tq import real_form
+    from toolkit.model.adapters.quantum.vqc import vqc_real_unitary, vqc_unitary_by_states
+    torch.manual_seed(0)
+    theta = torch.empty(3, 3, 4, 10, device="cuda").uniform_(-math.pi, math.pi).requires_grad_()
+    fast, slow = vqc_real_unitary(theta, 10), real_form(vqc_unitary_by_states(theta, 10))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    weights = torch.randn_like(fast)
+    (fast_grad,), (slow_grad,) = (torch.autograd.grad((out * weights).sum(), theta) for out in (fast, slow))
+    torch.testing.assert_close(fast_grad, slow_grad, atol=1e-3, rtol=1e-4)
+
+
 def test_bench_runs_and_vqc_does_not_dominate(tmp_path):
     """Step time against LoRA on a 4-layer 7B-width llama, guarded against regressions. At the whole 7B
     (docs/quantum.md) vqc is 1.06x LoRA, tq 1.67x, quanta 2.17x, vqc expval 3.2x; with few layers the fixed

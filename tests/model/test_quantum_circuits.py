@@ -7,8 +7,9 @@ import torch
 
 from toolkit.model.adapters.quantum import quanta as q
 from toolkit.model.adapters.quantum import simulator as sim
-from toolkit.model.adapters.quantum.tq import TQDelta, expval_readout, measure, tq_circuit, tq_unitary
-from toolkit.model.adapters.quantum.vqc import VQCDelta, ring_pairs, vqc_circuit, vqc_unitary, vqc_unitary_by_states
+from toolkit.model.adapters.quantum.tq import TQDelta, expval_readout, measure, real_form, tq_circuit, tq_unitary
+from toolkit.model.adapters.quantum.vqc import (VQCDelta, ring_pairs, vqc_circuit, vqc_real_unitary, vqc_unitary,
+                                               vqc_unitary_by_states)
 
 I2 = torch.eye(2, dtype=torch.complex64)
 P0 = torch.tensor([[1, 0], [0, 0]], dtype=torch.complex64)
@@ -195,7 +196,7 @@ def test_batched_unitaries_equal_one_by_one():
         torch.testing.assert_close(batched, torch.stack(single), atol=1e-6, rtol=0)
 
 
-def test_vqc_expval_recomputes_its_unitary_in_backward_with_the_same_gradients():
+def test_vqc_expval_adjoint_backward_gives_the_gradients_of_the_closed_form():
     torch.manual_seed(3)
     delta = VQCDelta(12, 10, n_qubits=4, n_layers=2, readout="expval")
     with torch.no_grad():
@@ -209,3 +210,107 @@ def test_vqc_expval_recomputes_its_unitary_in_backward_with_the_same_gradients()
     (expval_readout(phi, vqc_unitary(delta.theta, 4)) @ (delta.scale * delta.B).T).pow(2).sum().backward()
     for a, b in zip(checkpointed, [x.grad] + [p.grad for p in delta.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def random_gates(dims, dtype=torch.float32):
+    return [(torch.randn(dims[b], dims[a], dims[b], dims[a]) / 8).to(dtype).requires_grad_()
+            for a, b in q.axis_pairs(len(dims))]
+
+
+@pytest.mark.parametrize("dims, d_in, d_out", [([16, 8, 8, 4], 4096, 4096), ([4, 2, 3, 2], 40, 20), ([3, 4, 5], 50, 60),
+                                               ([2, 3, 4, 5, 2], 240, 230), ([3, 5], 15, 15)])
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_quanta_fused_chains_equal_the_reference_with_gradients(dims, d_in, d_out, x_needs_grad):
+    """The CUDA path (one autograd node for both circuits, planned layouts) = the per-gate autograd reference,
+    values and gradients, with padding, cropping, and x with or without a gradient (S only carries x's)."""
+    torch.manual_seed(0)
+    t_gates, s_gates = random_gates(dims), [g.detach() for g in random_gates(dims)]
+    x = torch.randn(2, 3, d_in, requires_grad=x_needs_grad)
+    pad = math.prod(dims) - d_in
+    fast = q.quanta_update(x, t_gates, s_gates, dims, pad, d_out, fused=True)
+    slow = q.reference_update(x, t_gates, s_gates, dims, pad, d_out)
+    assert fast.shape == slow.shape == (2, 3, d_out)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(fast)
+    inputs = [x, *t_gates] if x_needs_grad else t_gates
+    for f, s in zip(torch.autograd.grad((fast * weights).sum(), inputs),
+                    torch.autograd.grad((slow * weights).sum(), inputs)):
+        torch.testing.assert_close(f, s, atol=1e-4, rtol=1e-4)
+
+
+def test_quanta_fused_chains_take_bf16_input_and_weights_and_compute_in_fp32():
+    """x and the gates in bf16 (a bf16 base, DeepSpeed's bf16 weights): fp32 inside, Δy cast once on the way
+    out, gradients in the inputs' dtypes."""
+    torch.manual_seed(1)
+    dims = [4, 2, 3, 2]
+    t_gates, s_gates = random_gates(dims, torch.bfloat16), [g.detach() for g in random_gates(dims, torch.bfloat16)]
+    x = torch.randn(5, 48).bfloat16().requires_grad_()
+    fast = q.quanta_update(x, t_gates, s_gates, dims, 0, 48, torch.bfloat16, fused=True)
+    in_fp32 = q.quanta_update(x, t_gates, s_gates, dims, 0, 48, fused=True)
+    exact = q.reference_update(x.float(), [t.float() for t in t_gates], [s.float() for s in s_gates], dims, 0, 48)
+    assert fast.dtype == torch.bfloat16 and in_fp32.dtype == torch.float32
+    assert torch.equal(fast, in_fp32.to(torch.bfloat16))
+    torch.testing.assert_close(in_fp32, exact, atol=1e-5, rtol=1e-5)
+    fast.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in t_gates)
+
+
+@pytest.mark.parametrize("n_axes, copies", [(2, 0), (3, 2), (4, 4), (5, 9)])
+def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
+    """The layout plan: each gate once, gates sharing an axis in einsum order, each gate's pair at an end of
+    its layout, and the fewest copies (4 axes: 4, against 5 when each gate's axes are moved last)."""
+    steps = q.plan(n_axes)
+    pairs = [(a % n_axes, b % n_axes) for a, b in q.axis_pairs(n_axes)]
+    order = [step[1] for step in steps if step[0] == "gate"]
+    assert sorted(order) == list(range(len(pairs)))
+    for i, g in enumerate(order):
+        assert all(not set(pairs[g]) & set(pairs[h]) for h in order[i + 1:] if h < g)
+    layout = (q.TOKENS, *range(n_axes))
+    for step in steps:
+        if step[0] == "perm":
+            assert sorted(step[1]) == sorted(layout) and step[1] != layout
+            layout = step[1]
+            continue
+        _, g, layout_in, layout_out, side_in, side_out = step
+        assert layout_in == layout
+        pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
+        assert set(pair) == set(pairs[g])
+        rest = layout_in[2:] if side_in == "L" else layout_in[:-2]
+        assert layout_out == (pair + rest if side_out == "L" else rest + pair)
+        layout = layout_out
+    assert sum(step[0] == "perm" for step in steps) == copies
+
+
+@pytest.mark.parametrize("n, layers, circuits", [(2, 1, 2), (3, 2, 3), (4, 3, 1), (5, 2, 2), (7, 2, 2)])
+def test_vqc_real_unitary_equals_the_reference_with_gradients(n, layers, circuits):
+    """The expectation readout's build (real-view GEMMs, phases folded into complex GEMMs, a backward that
+    walks the circuit in reverse) = [Re U; Im U] of the einsum build, values and θ gradients."""
+    torch.manual_seed(n)
+    theta = torch.empty(circuits, layers, 4, n).uniform_(-math.pi, math.pi).requires_grad_()
+    fast = vqc_real_unitary(theta, n)
+    slow = real_form(vqc_unitary_by_states(theta, n))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast, real_form(vqc_unitary(theta, n)), atol=1e-5, rtol=0)
+    weights = torch.randn_like(fast)
+    (fast_grad,), (slow_grad,) = (torch.autograd.grad((out * weights).sum(), theta) for out in (fast, slow))
+    torch.testing.assert_close(fast_grad, slow_grad, atol=1e-4, rtol=1e-4)
+    single = vqc_real_unitary(theta[1 % circuits].detach(), n)          # no leading dims
+    torch.testing.assert_close(single, fast[1 % circuits].detach(), atol=1e-6, rtol=0)
+
+
+def test_vqc_real_unitary_keeps_no_intermediate_states_for_backward():
+    """What the expval build saves for backward: its inputs and its output, not its 2L intermediate states
+    (those made the 7B bench's peak 44.7 GiB against LoRA's 22.5)."""
+    n, layers = 6, 4
+    theta = torch.empty(3, layers, 4, n).uniform_(-math.pi, math.pi).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = vqc_real_unitary(theta, n)
+    state = out.numel() * out.element_size()                               # [Re U; Im U] of all circuits
+    assert sum(saved) < 3 * state, (sum(saved), state)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        real_form(vqc_unitary_by_states(theta, n))
+    assert sum(saved) > 2 * layers * state / 2                              # the reference keeps every layer

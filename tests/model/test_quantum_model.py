@@ -246,3 +246,24 @@ def test_bf16_stored_adapter_weights_still_compute_in_fp32(tiny_llama_dir, name)
     layer.delta.float().load_state_dict(reference)
     torch.testing.assert_close(out, layer.delta(x))
     assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quanta_fused_path_in_a_model_equals_the_reference(tiny_llama_dir, monkeypatch, dtype):
+    """The CUDA path of quanta (TK_QUANTA_FUSED=1 forces it on a CPU) inside a model, GQA v_proj cropped: an
+    exact start, and after perturbing the same logits and gradients as the per-gate reference."""
+    model = adapted(tiny_llama_dir, "quanta", dtype)
+    monkeypatch.setenv("TK_QUANTA_FUSED", "1")
+    assert torch.equal(logits(model), logits(base(tiny_llama_dir, dtype)))
+    perturb(model)
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("TK_QUANTA_FUSED", fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            out = model(PROBE, labels=PROBE)
+        out.loss.backward()
+        results.append([out.logits.detach().float()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tolerance)

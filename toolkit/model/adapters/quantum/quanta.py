@@ -12,6 +12,7 @@ import functools
 import heapq
 import itertools
 import math
+import os
 import string
 
 import torch
@@ -98,13 +99,22 @@ def reference_update(x, t_gates, s_gates, dims, pad: int, out_features: int):
     return _canonical(state_t - state_s, order, x.shape[:-1])[..., :out_features]
 
 
-def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dtype=None):
+def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dtype=None, fused=None):
     """Δy = M(T)x - M(S)x, cropped to ``out_features``, in ``out_dtype`` (default: fp32).
 
-    x may be in any float dtype; the math runs in fp32. One hand-written autograd node for both circuits
-    (:class:`_QuantaChains`): on a 7B model the autograd version was bound by the CPU launching ~100 small
-    ops per layer. Left eager: torch.compile spent minutes on the permute chain (H100, torch 2.11).
+    x may be in any float dtype; the math runs in fp32. On CUDA (``fused=None``) both circuits run as one
+    hand-written autograd node (:class:`_QuantaChains`): the autograd version launched ~100 small ops per
+    layer and a 7B step was bound by the CPU launching them. On a CPU that node is ~25% slower than
+    :func:`reference_update` (its stacked copies and batched GEMMs), so CPUs keep the reference. Both
+    are eager: torch.compile spent minutes on the permute chain (H100, torch 2.11). ``TK_QUANTA_FUSED=1`` or
+    ``=0`` picks one path on every device (to compare them).
     """
+    if fused is None:
+        fused = {"1": True, "0": False}.get(os.environ.get("TK_QUANTA_FUSED", ""), x.is_cuda)
+    if not fused:
+        out = reference_update(x.float(), [t.float() for t in t_gates], [s.float() for s in s_gates], dims, pad,
+                               out_features)
+        return out.to(out_dtype or torch.float32)
     lead = x.shape[:-1]
     out = _QuantaChains.apply(x.reshape(-1, x.shape[-1]), tuple(dims), pad, out_features,
                               out_dtype or torch.float32, len(t_gates), *t_gates, *s_gates)
@@ -190,10 +200,11 @@ def _sizes(layout, dims, tokens):
     return [tokens if s == TOKENS else dims[s] for s in layout]
 
 
-def _oriented(gate, pair, b_axis):
-    """Gate [n_b, n_a, n_b, n_a] as an [out, in] matrix over the layout's pair order."""
-    size = gate.shape[0] * gate.shape[1]
-    return (gate if pair[0] == b_axis else gate.permute(1, 0, 3, 2)).reshape(size, size)
+def _stacked(t_gate, s_gate, pair, b_axis):
+    """Gates T and S [n_b, n_a, n_b, n_a] as [2, out, in] fp32 matrices over the layout's pair order (one copy)."""
+    size = t_gate.shape[0] * t_gate.shape[1]
+    both = [t_gate.float(), s_gate.float()]
+    return torch.stack(both if pair[0] == b_axis else [g.permute(1, 0, 3, 2) for g in both]).reshape(2, size, size)
 
 
 def _as_side(state, side, size):
@@ -216,11 +227,11 @@ class _QuantaChains(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates):
-        t_gates, s_gates = [g.float() for g in gates[:n_gates]], [g.float() for g in gates[n_gates:]]
+        t_gates, s_gates = gates[:n_gates], gates[n_gates:]
         n, tokens, steps = len(dims), x.shape[0], plan(len(dims))
         pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
         state = (nn.functional.pad(x.float(), (0, pad)) if pad else x.float()).reshape(1, tokens, *dims)
-        saved, layout, shared = [], (TOKENS, *range(n)), True   # shared: T and S still have the same state
+        saved, stacked, layout, shared = [], [], (TOKENS, *range(n)), True   # shared: T and S see the same x
         for step in steps:
             if step[0] == "perm":
                 new = step[1]
@@ -230,8 +241,8 @@ class _QuantaChains(torch.autograd.Function):
             _, g, layout_in, layout_out, side_in, side_out = step
             pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
             size = dims[pair[0]] * dims[pair[1]]
-            mats = torch.stack([_oriented(t_gates[g], pair, pairs[g][1]),
-                                _oriented(s_gates[g], pair, pairs[g][1])])
+            mats = _stacked(t_gates[g], s_gates[g], pair, pairs[g][1])
+            stacked.append(mats)
             saved.append(state)
             inp = _pair_first(_as_side(state, side_in, size), side_in)          # [1 or 2, size, R]
             if shared:                                  # first gate: one input, two circuits, two GEMMs
@@ -249,16 +260,14 @@ class _QuantaChains(torch.autograd.Function):
         canonical = state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
         delta = torch.empty(tokens, *dims, dtype=out_dtype, device=x.device)
         torch.sub(canonical[0], canonical[1], out=delta)            # one kernel: difference, layout, cast
-        ctx.meta = (dims, pad, out_features, steps, pairs, layout, x.dtype, x.shape[1])
-        ctx.save_for_backward(*saved, *t_gates, *s_gates)
+        ctx.meta = (dims, pad, out_features, steps, pairs, layout, x.dtype, x.shape[1], len(gates) - n_gates)
+        ctx.save_for_backward(*saved, *stacked)
         return delta.reshape(tokens, -1)[:, :out_features]
 
     @staticmethod
     def backward(ctx, grad):
-        dims, pad, out_features, steps, pairs, layout, x_dtype, d_in = ctx.meta
-        n_steps = sum(step[0] == "gate" for step in steps)
-        saved, t_gates, s_gates = (ctx.saved_tensors[:n_steps], ctx.saved_tensors[n_steps:2 * n_steps],
-                                   ctx.saved_tensors[2 * n_steps:])
+        dims, pad, out_features, steps, pairs, layout, x_dtype, d_in, n_gates = ctx.meta
+        saved, stacked = ctx.saved_tensors[:n_gates], ctx.saved_tensors[n_gates:]
         n, tokens, need_x = len(dims), grad.shape[0], ctx.needs_input_grad[0]
         chains = 2 if need_x else 1                     # S's chain only carries x's gradient
         full = grad.new_zeros(tokens, math.prod(dims)) if out_features < math.prod(dims) else None
@@ -268,8 +277,8 @@ class _QuantaChains(torch.autograd.Function):
         g_state = torch.empty(chains, *_sizes(layout, dims, tokens), dtype=torch.float32, device=grad.device)
         canonical = g_state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
         canonical.copy_(grad.reshape(1, tokens, *dims).expand(chains, *canonical.shape[1:]))
-        t_grads = [None] * len(t_gates)
-        index = n_steps
+        t_grads = [None] * n_gates
+        index = n_gates
         befores = _layouts_before(steps, n)
         for i in reversed(range(len(steps))):
             step = steps[i]
@@ -290,8 +299,7 @@ class _QuantaChains(torch.autograd.Function):
             layout = layout_in
             if index == 0 and not need_x:
                 break
-            mats = torch.stack([_oriented(t_gates[g], pair, pairs[g][1]),
-                                _oriented(s_gates[g], pair, pairs[g][1])])[:chains]
+            mats = stacked[index][:chains]
             if side_in == "L":
                 g_in = mats.mT @ g_out
             else:
@@ -303,7 +311,7 @@ class _QuantaChains(torch.autograd.Function):
             grad_x = torch.empty(tokens, *dims, dtype=x_dtype, device=grad.device)
             torch.sub(canonical[0], canonical[1], out=grad_x)
             grad_x = grad_x.reshape(tokens, -1)[:, :d_in]
-        return (grad_x, None, None, None, None, None, *t_grads, *([None] * len(s_gates)))
+        return (grad_x, None, None, None, None, None, *t_grads, *([None] * n_gates))
 
 
 def _layouts_before(steps, n):
@@ -316,7 +324,7 @@ def _layouts_before(steps, n):
 
 
 def _unoriented(mat, pair, b_axis, dims):
-    """Inverse of :func:`_oriented` for a gradient: [out, in] -> [n_b, n_a, n_b, n_a]."""
+    """Inverse of :func:`_stacked`'s orientation for a gradient: [out, in] -> [n_b, n_a, n_b, n_a]."""
     first, second = dims[pair[0]], dims[pair[1]]
     grad = mat.reshape(first, second, first, second)
     return grad if pair[0] == b_axis else grad.permute(1, 0, 3, 2)

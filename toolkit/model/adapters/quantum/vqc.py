@@ -12,11 +12,10 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from . import simulator as sim
 from .bank import bank_unitary
-from .tq import expval_update, real_form
+from .tq import expval_update
 
 
 def ring_pairs(n: int):
@@ -83,6 +82,85 @@ def vqc_unitary_by_states(theta, n: int):
     return psi.reshape(*batch, dim, dim).transpose(-1, -2)
 
 
+def vqc_real_unitary(theta, n: int):
+    """[Re U; Im U] of the vqc circuit, θ [..., L, 4, n] -> [..., 2·2^n, 2^n], for the expectation readout.
+
+    The same numbers as ``real_form(vqc_unitary_by_states(θ))`` (within fp32 rounding), computed by
+    :class:`_BasisColumns`: no elementwise phase passes and no permute copies in the loop, and a backward
+    that walks the circuit in reverse instead of keeping (or recomputing) its 2L intermediate states.
+    """
+    first, second = ring_pairs(n)
+    half, batch, layers = n // 2, theta.shape[:-3], theta.shape[-3]
+    theta = theta.reshape(-1, *theta.shape[-3:]).permute(1, 2, 0, 3)            # [L, 4, C, n]: sublayers first
+    circuits, grid = theta.shape[2], (2 ** half, 2 ** (n - half))
+    rot = sim.ry(theta[:, 0::2])                                                 # [L, 2, C, n, 2, 2]
+    ka = sim.kron_all(rot[..., :half, :, :])                                     # [L, 2, C, A, A] (real)
+    kb = sim.kron_all(rot[..., half:, :, :])                                     # [L, 2, C, B, B] (real)
+    phases = torch.stack([theta[:, 1] @ sim.crz_phases(n, first, theta.device).T,
+                          theta[:, 3] @ sim.crz_phases(n, second, theta.device).T], 1)  # [L, 2, C, 2^n]
+    diag = torch.polar(torch.ones_like(phases), phases).unflatten(-1, grid)      # D[a, b]: [L, 2, C, A, B]
+    # per column b of the (a, b) grid, the ring's phases and the a-half's rotations are one complex matrix
+    m = diag.transpose(-1, -2).unsqueeze(-1) * ka.unsqueeze(-3)                  # [L, 2, C, B, A, A]
+    m = m.reshape(2 * layers, circuits, grid[1], grid[0], grid[0]).contiguous()
+    out = _BasisColumns.apply(m, kb.reshape(2 * layers, circuits, grid[1], grid[1]).contiguous())
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+class _BasisColumns(torch.autograd.Function):
+    """The circuit applied to all 2^n basis states of C circuits at once, sublayer by sublayer.
+
+    State X[c, b, a, t]: amplitude (a, b) (a = the first n//2 wires) of column t. A sublayer is
+    D·(Ka ⊗ Kb): Kb acts on the leading axis b as one real GEMM over the complex numbers' real view
+    (Kb is real), then for each b the complex matrix M_b = diag(D[:, b])·Ka acts on a: one batched complex
+    GEMM. Every sublayer is unitary, so backward rebuilds each intermediate state from the next one
+    (Y = M^H X, X' = Kb^T Y) while carrying the gradient back the same way: memory stays a few states.
+    Inputs: m [S, C, B, A, A] complex, kb [S, C, B, B] real (S = 2L sublayers, C circuits); output
+    [Re U; Im U] [C, 2·2^n, 2^n].
+    """
+
+    @staticmethod
+    def forward(ctx, m, kb):
+        m, kb = m.contiguous(), kb.contiguous()
+        sub, c, bb, aa, _ = m.shape
+        cols = aa * bb
+        x = (m[0, :, :, :, :, None] * kb[0, :, :, None, None, :]).reshape(c, bb, aa, cols)  # sublayer 0 on I
+        for s in range(1, sub):
+            x = torch.view_as_complex((kb[s] @ torch.view_as_real(x).reshape(c, bb, -1)).reshape(c, bb, aa, cols, 2))
+            x = (m[s].reshape(c * bb, aa, aa) @ x.reshape(c * bb, aa, cols)).reshape(c, bb, aa, cols)
+        out = torch.view_as_real(x).permute(0, 4, 2, 1, 3).reshape(c, 2 * cols, cols)   # rows: (re/im, a, b)
+        ctx.save_for_backward(m, kb, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, kb, out = ctx.saved_tensors
+        sub, c, bb, aa, _ = m.shape
+        cols = aa * bb
+
+        def state(rows):                        # [C, 2·2^n, 2^n] -> complex [C, B, A, 2^n]
+            return torch.view_as_complex(rows.reshape(c, 2, aa, bb, cols).permute(0, 3, 2, 4, 1).contiguous())
+
+        x, g = state(out), state(grad)
+        grad_m = torch.empty(m.shape, dtype=m.dtype, device=m.device)
+        grad_kb = torch.empty(kb.shape, dtype=kb.dtype, device=kb.device)
+        for s in range(sub - 1, 0, -1):
+            ms = m[s].reshape(c * bb, aa, aa)
+            y = ms.mH @ x.reshape(c * bb, aa, cols)            # the state before M (M is unitary)
+            g_y = ms.mH @ g.reshape(c * bb, aa, cols)
+            # y.mH: cuBLAS reads the conjugate transpose in place; CPU BLAS calls copy it first
+            torch.matmul(g.reshape(c * bb, aa, cols), y.mH, out=grad_m[s].view(c * bb, aa, aa))
+            y_real, g_y_real = torch.view_as_real(y).reshape(c, bb, -1), torch.view_as_real(g_y).reshape(c, bb, -1)
+            kb_t = kb[s].mT                                     # Kb is orthogonal
+            x_real = kb_t @ y_real
+            torch.matmul(g_y_real, x_real.mT, out=grad_kb[s])   # Re(G_Y X^H) as one real GEMM
+            x = torch.view_as_complex(x_real.reshape(c, bb, aa, cols, 2))
+            g = torch.view_as_complex((kb_t @ g_y_real).reshape(c, bb, aa, cols, 2))
+        g = g.reshape(c * bb, aa * aa, bb)                      # sublayer 0: X = m0[b, a, a0] · kb0[b, b0]
+        torch.matmul(g, kb[0].reshape(c * bb, bb, 1).to(g.dtype), out=grad_m[0].view(c * bb, aa * aa, 1))
+        grad_kb[0] = (m[0].conj().reshape(c * bb, 1, aa * aa) @ g).real.reshape(c, bb, bb)
+        return grad_m, grad_kb
+
+
 class VQCDelta(nn.Module):
     """The update of one linear layer; ``delta_weight()`` is ΔW when the readout is linear."""
 
@@ -104,13 +182,11 @@ class VQCDelta(nn.Module):
 
     def batched_unitary(self, thetas):
         """Amplitude readout: U itself. Expectation readout: [Re U; Im U] for the real-matmul readout, built
-        from the basis states and recomputed in backward (its intermediate states would be ~10 GB at n=10
-        for the 64 layers of a 7B model on q_proj,v_proj)."""
+        from the basis states by :func:`vqc_real_unitary`, whose backward walks the circuit in reverse (its
+        intermediate states would be ~10 GB at n=10 for the 64 layers of a 7B model on q_proj,v_proj)."""
         if self.readout == "amplitude":
             return vqc_unitary(thetas, self.n_qubits)
-        if torch.is_grad_enabled():
-            return real_form(checkpoint(vqc_unitary_by_states, thetas, self.n_qubits, use_reentrant=False))
-        return real_form(vqc_unitary_by_states(thetas, self.n_qubits))
+        return vqc_real_unitary(thetas, self.n_qubits)
 
     def unitary(self):
         """What the readout multiplies by, as :meth:`batched_unitary` builds it (U, or [Re U; Im U])."""
