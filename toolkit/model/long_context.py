@@ -9,6 +9,8 @@ docs/long_context.md has the memory arithmetic and the commands.
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import UserError
 from .offload import ActivationOffloader, checkpoint_inside_compiled_block, offload_checkpointed_inputs
 from .tiled_mlp import DEFAULT_TILE_TOKENS, tile_mlps
@@ -47,7 +49,7 @@ def apply_long_context(model, offload_activations: bool, tile_tokens: int | None
             raise UserError("model.offload_activations=True: this model has no gradient-checkpointed blocks to "
                             "offload; set model.gradient_checkpointing=True")
         lines.append(f"offload_activations=True: the checkpointed inputs of {count} blocks go to host memory")
-        if compile and checkpoint_inside_compiled_block():
+        if compile and torch.cuda.is_available() and checkpoint_inside_compiled_block():
             lines.append("offload_activations=True with compile=True: this transformers version checkpoints inside "
                          "each block's forward, so torch.compile meets the offload hooks there and runs the blocks "
                          "eagerly (same numbers, no fused kernels); transformers 5.17 keeps them apart")

@@ -45,11 +45,14 @@ def head_cross_entropy(head, hidden, targets, chunk_tokens: int | None = DEFAULT
     count = targets.numel()
     if chunk_tokens is None or count <= chunk_tokens:
         return F.cross_entropy(head(hidden).float(), targets)
+    grad = torch.is_grad_enabled()
     total = None
     for piece, target in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        part = (checkpoint(_summed_cross_entropy, head, piece, target, use_reentrant=False,
+        if grad:  # keep only the chunk's input; backward recomputes its logits
+            part = checkpoint(_summed_cross_entropy, head, piece, target, use_reentrant=False,
                               preserve_rng_state=False)
-                if torch.is_grad_enabled() else _summed_cross_entropy(head, piece, target))
+        else:
+            part = _summed_cross_entropy(head, piece, target)
         total = part if total is None else total + part
     return total / count
 
