@@ -188,6 +188,13 @@ def _chunked_without_recompute(model, monkeypatch):
         return _step(model)
 
 
+@pytest.mark.parametrize("options", [dict(loss_chunk_tokens=8), dict(offload_activations=True, loss_chunk_tokens=8)],
+                         ids=["chunked_loss", "chunked_loss+offload"])
+def test_switches_with_lora_dropout_give_the_plain_numbers(tiny_llama_dir, options):
+    reference = _step(_model(tiny_llama_dir, dropout=0.1, loss_chunk_tokens=None))
+    _assert_same(_step(_model(tiny_llama_dir, dropout=0.1, **options)), reference, rtol=1e-5, atol=1e-7)
+
+
 def test_all_switches_together_give_the_plain_numbers(tiny_llama_dir):
     reference = _step(_model(tiny_llama_dir, dropout=0.0))
     model = _model(tiny_llama_dir, dropout=0.0, offload_activations=True, tiled_mlp=16, loss_chunk_tokens=8)
