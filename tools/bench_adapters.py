@@ -7,6 +7,7 @@ Default shape: Llama-2-7B (hidden 4096, 32 layers, intermediate 11008, 32 heads)
     python tools/bench_adapters.py --layers 2 --out smoke.json       # quick smoke run
     python tools/bench_adapters.py --hidden 64 --intermediate 128 --heads 4 --layers 2 --seq 64 \\
         --device cpu --dtype float32 --out cpu.json                   # tiny shape on a CPU
+    python tools/bench_adapters.py ... --count-ops                     # + ops / GEMMs / copies one step dispatches
 """
 from __future__ import annotations
 
@@ -106,6 +107,55 @@ def profile_step(model, args, rows: int):
     model.zero_grad(set_to_none=True)
 
 
+class OpCounter:
+    """Counts what one step dispatches (a TorchDispatchMode): ops that launch work (views excluded), GEMMs,
+    and copies (with the bytes they write). Device-independent, so a CPU run counts what a GPU would launch."""
+    VIEWS = {"view", "t", "_unsafe_view", "detach", "expand", "permute", "transpose", "_reshape_alias", "alias",
+             "as_strided", "select", "slice", "unsqueeze", "squeeze", "split", "unbind", "lift_fresh", "_conj",
+             "view_as_real", "view_as_complex", "unflatten", "reshape", "mT", "mH", "conj"}
+    GEMMS = {"mm", "bmm", "addmm", "baddbmm", "_scaled_mm"}
+    COPIES = {"copy_", "clone", "_to_copy", "contiguous", "cat", "stack", "constant_pad_nd"}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+        self.ops = self.gemms = self.copies = self.copy_bytes = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                if name not in counter.VIEWS:
+                    counter.ops += 1
+                    counter.gemms += name in counter.GEMMS
+                    if name in counter.COPIES and isinstance(out, torch.Tensor):
+                        counter.copies += 1
+                        counter.copy_bytes += out.numel() * out.element_size()
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def result(self):
+        return dict(ops=self.ops, gemms=self.gemms, copies=self.copies, copy_mib=round(self.copy_bytes / 2 ** 20, 1))
+
+
+def count_step(model, args):
+    """One forward + backward under :class:`OpCounter` (no optimizer step)."""
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    with OpCounter() as counter:
+        with torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype),
+                            enabled=args.dtype != "float32"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.result()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results JSON")
@@ -127,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step per method and print the ROWS costliest ops")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count the ops, GEMMs and copies (bytes) one forward + backward dispatches, per method")
     args = p.parse_args(argv)
     if args.quanta_dims is None and args.hidden == 4096:
         args.quanta_dims = [16, 8, 8, 4]
@@ -144,6 +196,10 @@ def main(argv=None) -> int:
             profile_step(model, args, args.profile)
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
         results["methods"][method] = dict(step_s=step_s, trainable_params=trainable, peak_mem_gib=peak, loss=loss)
+        if args.count_ops:
+            counts = results["methods"][method]["dispatched"] = count_step(model, args)
+            print(f"{method:11s} one forward+backward dispatches {counts['ops']:,} ops: {counts['gemms']:,} GEMMs, "
+                  f"{counts['copies']:,} copies writing {counts['copy_mib']:,.1f} MiB", flush=True)
         model = unadapt(model, method)
         for prm in model.parameters():
             prm.requires_grad_(False)

@@ -135,6 +135,24 @@ def test_vqc_expval_build_on_cuda_equals_the_reference():
     torch.testing.assert_close(fast_grad, slow_grad, atol=1e-3, rtol=1e-4)
 
 
+def test_tf32_opt_in_stays_close_and_is_restored(monkeypatch):
+    """TK_QUANTUM_TF32=1 (documented opt-in): quanta's circuit GEMMs on tensor cores stay within TF32's
+    error of the fp32 result, and the global TF32 flag is back to the user's setting afterwards."""
+    from toolkit.model.adapters.quantum import quanta as q
+    torch.manual_seed(0)
+    dims = [16, 8, 8, 4]
+    t_gates = [torch.randn(dims[b], dims[a], dims[b], dims[a], device="cuda") / 8 for a, b in q.axis_pairs(4)]
+    s_gates = [torch.randn_like(t) / 8 for t in t_gates]
+    x = torch.randn(512, 4096, device="cuda")
+    exact = q.quanta_update(x, t_gates, s_gates, dims, 0, 4096)
+    monkeypatch.setenv("TK_QUANTUM_TF32", "1")
+    before = torch.backends.cuda.matmul.allow_tf32
+    fast = q.quanta_update(x, t_gates, s_gates, dims, 0, 4096)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert not torch.equal(fast, exact)
+    torch.testing.assert_close(fast, exact, atol=2e-2 * exact.abs().max().item(), rtol=0)
+
+
 def test_bench_runs_and_vqc_does_not_dominate(tmp_path):
     """Step time against LoRA on a 4-layer 7B-width llama, guarded against regressions. At the whole 7B
     (docs/quantum.md) vqc is 1.06x LoRA, tq 1.67x, quanta 2.17x, vqc expval 3.2x; with few layers the fixed

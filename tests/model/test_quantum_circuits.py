@@ -314,3 +314,20 @@ def test_vqc_real_unitary_keeps_no_intermediate_states_for_backward():
                                                   lambda t: t):
         real_form(vqc_unitary_by_states(theta, n))
     assert sum(saved) > 2 * layers * state / 2                              # the reference keeps every layer
+
+
+def test_tf32_for_circuit_gemms_is_opt_in_and_scoped(monkeypatch):
+    """TK_QUANTUM_TF32=1 turns TF32 on for the circuit GEMMs only, and the user's setting comes back after."""
+    from toolkit.model.adapters.quantum.fused import circuit_matmul_precision
+    user_setting = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        monkeypatch.delenv("TK_QUANTUM_TF32", raising=False)
+        with circuit_matmul_precision():
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        monkeypatch.setenv("TK_QUANTUM_TF32", "1")
+        with circuit_matmul_precision():
+            assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = user_setting

@@ -12,6 +12,7 @@ gradients).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -30,3 +31,22 @@ def compiled_on_cuda(fn):
 
     run.compiled = None
     return run
+
+
+@contextlib.contextmanager
+def circuit_matmul_precision():
+    """Opt-in TF32 for the circuit GEMMs on CUDA: ``TK_QUANTUM_TF32=1``.
+
+    Off by default: QUANTUM.md keeps the circuit math in fp32, and TF32 keeps 10 mantissa bits, so it changes
+    the numbers (relative error ~1e-3 a GEMM). With it, cuBLAS runs quanta's and vqc-expval's fp32 GEMMs on
+    tensor cores instead of SIMT kernels. Sets torch's global flag only for the enclosed GEMMs.
+    """
+    if os.environ.get("TK_QUANTUM_TF32", "0") != "1":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

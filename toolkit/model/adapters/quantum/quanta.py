@@ -18,6 +18,8 @@ import string
 import torch
 from torch import nn
 
+from .fused import circuit_matmul_precision
+
 
 def default_dims(in_features: int, out_features: int, n_axes: int = 4) -> list[int]:
     return [math.ceil(max(in_features, out_features) ** (1 / n_axes) - 1e-9)] * n_axes
@@ -227,6 +229,16 @@ class _QuantaChains(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates):
+        with circuit_matmul_precision():
+            return _QuantaChains._forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with circuit_matmul_precision():
+            return _QuantaChains._backward(ctx, grad)
+
+    @staticmethod
+    def _forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates):
         t_gates, s_gates = gates[:n_gates], gates[n_gates:]
         n, tokens, steps = len(dims), x.shape[0], plan(len(dims))
         pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
@@ -265,7 +277,7 @@ class _QuantaChains(torch.autograd.Function):
         return delta.reshape(tokens, -1)[:, :out_features]
 
     @staticmethod
-    def backward(ctx, grad):
+    def _backward(ctx, grad):
         dims, pad, out_features, steps, pairs, layout, x_dtype, d_in, n_gates = ctx.meta
         saved, stacked = ctx.saved_tensors[:n_gates], ctx.saved_tensors[n_gates:]
         n, tokens, need_x = len(dims), grad.shape[0], ctx.needs_input_grad[0]

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import simulator as sim
 from .bank import bank_unitary
+from .fused import circuit_matmul_precision
 from .tq import expval_update
 
 
@@ -120,6 +121,16 @@ class _BasisColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, m, kb):
+        with circuit_matmul_precision():
+            return _BasisColumns._forward(ctx, m, kb)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with circuit_matmul_precision():
+            return _BasisColumns._backward(ctx, grad)
+
+    @staticmethod
+    def _forward(ctx, m, kb):
         m, kb = m.contiguous(), kb.contiguous()
         sub, c, bb, aa, _ = m.shape
         cols = aa * bb
@@ -132,7 +143,7 @@ class _BasisColumns(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def _backward(ctx, grad):
         m, kb, out = ctx.saved_tensors
         sub, c, bb, aa, _ = m.shape
         cols = aa * bb
