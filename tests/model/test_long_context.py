@@ -149,6 +149,29 @@ def test_offload_keeps_exactly_the_block_inputs_in_host_copies(tiny_llama_dir):
     assert not torch.equal(real[0][1].host, real[1][1].host)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(dropout=0.0, tiled_mlp=8)], ids=["offload", "offload+tiled_mlp"])
+def test_offload_keeps_a_compiled_block_whole(tiny_llama_dir, options):
+    """Blocks compiled before the offload is set up (as SupervisedFinetune orders it) trace without a graph
+    break, whichever side of the compiled call this transformers version checkpoints on, and train the
+    eager numbers (aot_eager: dynamo and AOTAutograd without Inductor, so it runs on a CPU)."""
+    from torch._dynamo.utils import counters
+
+    from toolkit.model.offload import ActivationOffloader, offload_checkpointed_inputs
+    reference = _step(_model(tiny_llama_dir, dropout=options.get("dropout", 0.1)))
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(tiny_llama_dir, **options)
+    layers = model.llm.base_model.model.model.layers
+    for layer in layers:
+        layer.compile(backend="aot_eager")
+    offloader = ActivationOffloader()
+    assert offload_checkpointed_inputs(model.llm, offloader) == len(layers)
+    _assert_same(_step(model), reference, rtol=1e-5, atol=1e-7)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert offloader.packed_count == len(layers)
+
+
 def _step_again(model):
     model.zero_grad()
     return _step(model)

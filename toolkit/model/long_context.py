@@ -9,10 +9,8 @@ docs/long_context.md has the memory arithmetic and the commands.
 """
 from __future__ import annotations
 
-import torch
-
 from ..errors import UserError
-from .offload import ActivationOffloader, checkpoint_inside_compiled_block, offload_checkpointed_inputs
+from .offload import ActivationOffloader, offload_checkpointed_inputs
 from .tiled_mlp import DEFAULT_TILE_TOKENS, tile_mlps
 
 
@@ -39,8 +37,9 @@ def check_options(gradient_checkpointing: bool, offload_activations: bool, tiled
     return tile, chunk
 
 
-def apply_long_context(model, offload_activations: bool, tile_tokens: int | None, compile: bool = False) -> tuple:
-    """Apply the switches to ``model`` (after its adapter). Returns (the offloader or None, log lines)."""
+def apply_long_context(model, offload_activations: bool, tile_tokens: int | None) -> tuple:
+    """Apply the switches to ``model`` (after its adapter and after compiling its blocks). Returns (the
+    offloader or None, log lines)."""
     lines, offloader = [], None
     if offload_activations:
         offloader = ActivationOffloader()
@@ -49,10 +48,6 @@ def apply_long_context(model, offload_activations: bool, tile_tokens: int | None
             raise UserError("model.offload_activations=True: this model has no gradient-checkpointed blocks to "
                             "offload; set model.gradient_checkpointing=True")
         lines.append(f"offload_activations=True: the checkpointed inputs of {count} blocks go to host memory")
-        if compile and torch.cuda.is_available() and checkpoint_inside_compiled_block():
-            lines.append("offload_activations=True with compile=True: this transformers version checkpoints inside "
-                         "each block's forward, so torch.compile meets the offload hooks there and runs the blocks "
-                         "eagerly (same numbers, no fused kernels); transformers 5.17 keeps them apart")
     if tile_tokens:
         count = tile_mlps(model, tile_tokens)
         if count == 0:

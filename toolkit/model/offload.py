@@ -110,18 +110,37 @@ def offloaded_checkpoint(offloader: ActivationOffloader, function, *args, **kwar
 def offload_checkpointed_inputs(model, offloader: ActivationOffloader) -> int:
     """Make every module that checkpoints (HF sets ``gradient_checkpointing`` and ``_gradient_checkpointing_func``
     on each decoder layer) keep its checkpointed inputs in host memory through ``offloader``. Returns how many
-    decoder layers; 0 means gradient checkpointing is not enabled."""
+    decoder layers; 0 means gradient checkpointing is not enabled.
+
+    Call it after ``block.compile()``: where transformers checkpoints inside the block's ``forward``
+    (:func:`checkpoint_inside_compiled_block`), a compiled block would trace the offload hooks, which dynamo
+    cannot, and fall back to eager; such a block instead gets the checkpoint around its compiled call
+    (as transformers 5.17 does it) and HF's own checkpoint inside it is switched off.
+    """
     from transformers.modeling_layers import GradientCheckpointingLayer
     function = functools.partial(offloaded_checkpoint, offloader)
     modules = [m for m in model.modules()
                if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+    inside = checkpoint_inside_compiled_block()
     for module in modules:
-        module._gradient_checkpointing_func = function
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if inside and compiled is not None and isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = False
+            module._compiled_call_impl = functools.partial(_checkpointed_call, offloader, module, compiled)
+        else:
+            module._gradient_checkpointing_func = function
     return sum(isinstance(m, GradientCheckpointingLayer) for m in modules)
+
+
+def _checkpointed_call(offloader: ActivationOffloader, module, call, *args, **kwargs):
+    """``call`` (a block's compiled call) under :func:`offloaded_checkpoint` while training."""
+    if not (module.training and torch.is_grad_enabled()):
+        return call(*args, **kwargs)
+    return offloaded_checkpoint(offloader, functools.partial(call, **kwargs), *args)
 
 
 def checkpoint_inside_compiled_block() -> bool:
     """True where transformers checkpoints inside a block's ``forward`` (5.2x) rather than around its
-    ``__call__`` (5.17): there ``block.compile()`` compiles the checkpoint call too, and the offload hooks with it."""
+    ``__call__`` (5.17): there ``block.compile()`` compiles the checkpoint call too."""
     from transformers.modeling_layers import GradientCheckpointingLayer
     return "__call__" not in vars(GradientCheckpointingLayer)

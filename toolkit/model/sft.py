@@ -79,14 +79,14 @@ class SupervisedFinetune(BaseModel):
                 model.enable_input_require_grads()
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
-        self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens, compile)
-        for line in lines:
-            print_log(line, logger="current")
         if compile and torch.cuda.is_available():
             print_log(f"compile=True: {compile_blocks(self.llm)} transformer blocks compiled", logger="current")
         elif compile:
             print_log("compile=True: no CUDA device, so the blocks run eagerly (same numbers, no fused kernels)",
                       logger="current")
+        self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens)
+        for line in lines:
+            print_log(line, logger="current")
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, mode: str = "loss"):
         if mode != "loss":
