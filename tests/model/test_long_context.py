@@ -172,6 +172,20 @@ def test_offload_keeps_a_compiled_block_whole(tiny_llama_dir, options):
     assert offloader.packed_count == len(layers)
 
 
+def test_offload_out_of_host_memory_is_one_clear_error(tiny_llama_dir, monkeypatch):
+    model = _model(tiny_llama_dir, offload_activations=True)
+    empty = torch.empty
+
+    def no_host_memory(*args, **kwargs):
+        if "pin_memory" in kwargs:  # the offloader's host buffer
+            raise RuntimeError("CUDA error: out of memory\nmore detail")
+        return empty(*args, **kwargs)
+    monkeypatch.setattr(torch, "empty", no_host_memory)
+    with pytest.raises(UserError, match=r"offload_activations: no host memory for one more checkpointed block input "
+                                        r"\(0\.00 GiB; CUDA error: out of memory\); lower max_length"):
+        _step(model)
+
+
 def _step_again(model):
     model.zero_grad()
     return _step(model)

@@ -22,6 +22,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
+
 
 class _Offloaded:
     """One saved tensor in host memory; ``prev`` is the one saved just before it (the next one backward needs)."""
@@ -53,7 +55,13 @@ class ActivationOffloader:
         if tensor.numel() == 0:
             return tensor  # checkpoint's own empty marker tensor
         cuda = tensor.device.type == "cuda"
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        try:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        except RuntimeError as exc:  # pinned host memory is what ran out
+            size = tensor.numel() * tensor.element_size()
+            raise UserError(f"offload_activations: no host memory for one more checkpointed block input "
+                            f"({size / 2**30:.2f} GiB; {str(exc).splitlines()[0]}); lower max_length, or for QLoRA "
+                            f"set upcast_unquantized=False to halve them") from None
         if cuda:
             stream = self._side_stream()
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
