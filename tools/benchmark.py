@@ -99,7 +99,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               samples: int | None = None, distinct: int | None = None, seed: int = 0, world_size: int = 1,
               clip: float | None = 1.0,
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
-              dtype: str | None = None, profile_rows: int = 0, compile: bool = False,
+              dtype: str | None = None, profile_rows: int = 0, compile: bool | dict = False,
               offload_activations: bool = False, tiled_mlp: bool | int = False, upcast: bool = True) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
@@ -121,7 +121,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         clip=f"dict(max_norm={clip})" if clip else "None", accum=accum,
         amp=f", dtype='{'bfloat16' if precision == 'bf16' else 'float16'}'" if amp else "",
         steps=steps, warmup=warmup, optimizer_import=optimizer_import, profile_rows=profile_rows,
-        compile="\n    compile=True," if compile else "",
+        compile=f"\n    compile={compile!r}," if compile else "",
         long_context=("\n    offload_activations=True," if offload_activations else "")
         + (f"\n    tiled_mlp={tiled_mlp}," if tiled_mlp else "") + ("" if upcast else "\n    upcast_unquantized=False,"),
         peak=f", peak_tflops={peak_tflops}" if peak_tflops else "", log_interval=log_interval,
@@ -261,7 +261,8 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
     cfg = work / f"bench_{method}.py"
     cfg.write_text(tk_config(args.model, method, args.seq, args.bs, args.steps, args.warmup, vocab,
                              gc=not args.no_gc, world_size=args.nproc, peak_tflops=args.peak_tflops,
-                             optimizer=args.tk_optimizer, profile_rows=args.profile, compile=args.compile,
+                             optimizer=args.tk_optimizer, profile_rows=args.profile,
+                             compile=dict(cpp_wrapper=True) if args.cpp_wrapper else args.compile,
                              offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp or False,
                              upcast=not args.no_upcast))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
@@ -327,6 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-optimizer", help="HF Trainer optim name for the baseline (e.g. adamw_torch_fused, "
                         "to compare memory with the optimizer tk uses); default: its own choice")
     parser.add_argument("--compile", action="store_true", help="tk compiles each transformer block (compile=True)")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="as --compile, with Inductor's C++ wrapper (compile=dict(cpp_wrapper=True))")
     parser.add_argument("--offload-activations", action="store_true",
                         help="tk keeps the checkpointed block inputs in host memory (docs/long_context.md)")
     parser.add_argument("--tiled-mlp", type=int, nargs="?", const=True, metavar="TOKENS",

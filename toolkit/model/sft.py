@@ -15,7 +15,7 @@ def _is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def compile_blocks(model) -> int:
+def compile_blocks(model, options: dict | None = None) -> int:
     """``torch.compile`` every transformer block in place (the classes HF lists in ``_no_split_modules``).
 
     Compiling the block, not the whole model, keeps the graph small and reused by every layer (torch inlines
@@ -23,25 +23,17 @@ def compile_blocks(model) -> int:
     adapters and tk's loss outside it. Fuses the norms, activations, RoPE, residual adds, dtype casts and
     LoRA's dropout and scaling into a few kernels. bitsandbytes 4-bit linears are routed through torch ops
     first (:mod:`.nf4`), so their dequantization compiles into the block instead of costing a Python
-    custom-op call each (what bound the compiled QLoRA step). Returns how many blocks were compiled.
+    custom-op call each (what bound the compiled QLoRA step). ``options``: Inductor options for every block,
+    e.g. ``{"cpp_wrapper": True}``. Returns how many blocks were compiled.
     """
     from .nf4 import use_torch_4bit
     use_torch_4bit(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
-    options = _compile_options()
     for block in blocks:
-        block.compile(options=options)
+        block.compile(options=dict(options or {}))
     return len(blocks)
-
-
-def _compile_options() -> dict:
-    """Inductor's C++ wrapper where a C++ compiler exists: the generated code that launches a block's ~50
-    kernels runs in C++ instead of Python, which took a compiled 7B LoRA step on the H100 from 6,768 to
-    8,344 tokens/s (the step was waiting on the host). Without a compiler, the Python wrapper."""
-    import shutil
-    return {"cpp_wrapper": True} if shutil.which("g++") or shutil.which("c++") else {}
 
 
 class SupervisedFinetune(BaseModel):
@@ -49,7 +41,11 @@ class SupervisedFinetune(BaseModel):
 
     With an adapter, only the adapter's weights are trainable and only they go into checkpoints;
     without one (full fine-tuning), every weight does. ``compile=True`` compiles each transformer block
-    on CUDA (:func:`compile_blocks`); on a CPU the option is ignored with a log line.
+    on CUDA (:func:`compile_blocks`); on a CPU the option is ignored with a log line. A dict instead of True
+    passes Inductor options: ``compile=dict(cpp_wrapper=True)`` runs the code that launches a block's kernels
+    in C++ (needs a C++ compiler), which took a compiled 7B LoRA step on an H100 from 6,768 to 8,344 tokens/s
+    since the step waited on Python. Opt-in: in a process that had compiled other graphs with the default
+    wrapper, Inductor's C++ wrapper failed ("CudaKernelParamCache not populated") on torch 2.11.
 
     Long context (docs/long_context.md): ``offload_activations`` keeps the checkpointed block inputs in host
     memory, ``tiled_mlp`` (True or tokens per tile) runs each MLP over tiles of the sequence, and
@@ -58,7 +54,7 @@ class SupervisedFinetune(BaseModel):
     loaded dtype instead of peft's fp32 (whose fp32 embeddings make the whole residual stream fp32).
     """
 
-    def __init__(self, llm, adapter=None, gradient_checkpointing: bool = False, compile: bool = False,
+    def __init__(self, llm, adapter=None, gradient_checkpointing: bool = False, compile: bool | dict = False,
                  offload_activations: bool = False, tiled_mlp: bool | int = False,
                  loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, upcast_unquantized: bool = True,
                  data_preprocessor=None):
@@ -80,9 +76,11 @@ class SupervisedFinetune(BaseModel):
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
         if compile and torch.cuda.is_available():
-            print_log(f"compile=True: {compile_blocks(self.llm)} transformer blocks compiled", logger="current")
+            options = compile if isinstance(compile, dict) else None
+            print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
+                      logger="current")
         elif compile:
-            print_log("compile=True: no CUDA device, so the blocks run eagerly (same numbers, no fused kernels)",
+            print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused kernels)",
                       logger="current")
         self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens)
         for line in lines:
