@@ -229,7 +229,7 @@ class _QuantaChains(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates):
-        with circuit_matmul_precision():
+        with circuit_matmul_precision(), torch.autocast(x.device.type, enabled=False):   # fp32 even if called under autocast
             return _QuantaChains._forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates)
 
     @staticmethod
@@ -279,7 +279,8 @@ class _QuantaChains(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad):
         dims, pad, out_features, steps, pairs, layout, x_dtype, d_in, n_gates = ctx.meta
-        saved, stacked = ctx.saved_tensors[:n_gates], ctx.saved_tensors[n_gates:]
+        tensors = ctx.saved_tensors  # once: under checkpointing a second unpack raises
+        saved, stacked = tensors[:n_gates], tensors[n_gates:]
         n, tokens, need_x = len(dims), grad.shape[0], ctx.needs_input_grad[0]
         chains = 2 if need_x else 1                     # S's chain only carries x's gradient
         full = grad.new_zeros(tokens, math.prod(dims)) if out_features < math.prod(dims) else None
