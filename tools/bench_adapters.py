@@ -1,6 +1,8 @@
 """Step time of each adapter type against LoRA on a llama-shape model with random weights.
 
 One training step = forward + backward + AdamW step on the adapter weights, batch x seq random tokens.
+"host issues it in" is how long the CPU took to launch the step (before the final synchronize): near the step
+time, the step is bound by the host launching kernels, not by the GPU.
 Default shape: Llama-2-7B (hidden 4096, 32 layers, intermediate 11008, 32 heads), bf16, on CUDA.
 
     python tools/bench_adapters.py --out results.json                # 7B shape, all methods
@@ -75,7 +77,7 @@ def time_steps(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
-    times = []
+    times, host = [], []
     for step in range(args.warmup + args.steps):
         sync(args.device)
         start = time.perf_counter()
@@ -85,10 +87,12 @@ def time_steps(model, args):
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
+        issued = time.perf_counter()
         sync(args.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], loss.item()
+            host.append(issued - start)
+    return sorted(times)[len(times) // 2], sorted(host)[len(host) // 2], loss.item()
 
 
 def profile_step(model, args, rows: int):
@@ -191,11 +195,12 @@ def main(argv=None) -> int:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        step_s, loss = time_steps(model, args)
+        step_s, host_s, loss = time_steps(model, args)
         if args.profile:
             profile_step(model, args, args.profile)
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
-        results["methods"][method] = dict(step_s=step_s, trainable_params=trainable, peak_mem_gib=peak, loss=loss)
+        results["methods"][method] = dict(step_s=step_s, host_s=host_s, trainable_params=trainable,
+                                          peak_mem_gib=peak, loss=loss)
         if args.count_ops:
             counts = results["methods"][method]["dispatched"] = count_step(model, args)
             print(f"{method:11s} one forward+backward dispatches {counts['ops']:,} ops: {counts['gemms']:,} GEMMs, "
@@ -203,8 +208,8 @@ def main(argv=None) -> int:
         model = unadapt(model, method)
         for prm in model.parameters():
             prm.requires_grad_(False)
-        print(f"{method:11s} step {step_s * 1000:9.1f} ms  trainable {trainable:>11,d}"
-              + (f"  peak {peak:6.1f} GiB" if peak is not None else ""), flush=True)
+        print(f"{method:11s} step {step_s * 1000:9.1f} ms  (host issues it in {host_s * 1000:7.1f} ms)  "
+              f"trainable {trainable:>11,d}" + (f"  peak {peak:6.1f} GiB" if peak is not None else ""), flush=True)
     base = results["methods"].get("lora", {}).get("step_s")
     if base:
         print("ratio to LoRA: " + ", ".join(f"{m} {r['step_s'] / base:.2f}x" for m, r in results["methods"].items()))
