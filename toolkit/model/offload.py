@@ -28,11 +28,11 @@ from ..errors import UserError
 class _Offloaded:
     """One saved tensor in host memory; ``prev`` is the one saved just before it (the next one backward needs)."""
 
-    __slots__ = ("host", "device", "device_copy", "ready", "prev", "__weakref__")
+    __slots__ = ("host", "device", "device_copy", "ready", "prev", "used", "__weakref__")
 
     def __init__(self, host: torch.Tensor, device: torch.device, prev):
         self.host, self.device, self.prev = host, device, prev
-        self.device_copy, self.ready = None, None
+        self.device_copy, self.ready, self.used = None, None, False
 
 
 class ActivationOffloader:
@@ -98,9 +98,9 @@ class ActivationOffloader:
             self._fetch(item)
         if item.ready is not None:
             torch.cuda.current_stream(item.device).wait_event(item.ready)
-        tensor, item.device_copy, item.ready = item.device_copy, None, None
+        tensor, item.device_copy, item.ready, item.used = item.device_copy, None, None, True
         prev = item.prev() if item.prev is not None else None
-        if prev is not None and prev.device_copy is None and item.device.type == "cuda":
+        if prev is not None and not prev.used and prev.device_copy is None and item.device.type == "cuda":
             self._fetch(prev)  # prefetch: the block before this one is recomputed next
         return tensor
 
