@@ -106,8 +106,8 @@ def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dt
 
     x may be in any float dtype; the math runs in fp32. On CUDA (``fused=None``) both circuits run as one
     hand-written autograd node (:class:`_QuantaChains`): the autograd version launched ~100 small ops per
-    layer and a 7B step was bound by the CPU launching them. On a CPU that node is ~25% slower than
-    :func:`reference_update` (its stacked copies and batched GEMMs), so CPUs keep the reference. Both
+    layer and a 7B step was bound by the CPU launching them. On a CPU that node is no faster than
+    :func:`reference_update` (equal alone, 20% slower in a bf16 model step), so CPUs keep the reference. Both
     are eager: torch.compile spent minutes on the permute chain (H100, torch 2.11). ``TK_QUANTA_FUSED=1`` or
     ``=0`` picks one path on every device (to compare them).
     """
@@ -134,10 +134,25 @@ def plan(n_axes: int):
     ([rest, pair]), and the GEMM may write its result with the pair at either end (cuBLAS writes a
     transposed product for free). Gates on disjoint axes may swap. Between gates a copy moves axes; the
     search (Dijkstra over layout and set of applied gates) finds the fewest copies: 4 for 4 axes where
-    moving each gate's axes last took 5, 2 for 3 axes. Steps: ("perm", new_layout) or
-    ("gate", index, layout_in, layout_out, side_in, side_out).
+    moving each gate's axes last took 5, 2 for 3 axes. Among plans with as many copies it prefers copies
+    that keep a long innermost run in place (the token axis last, or 32+ elements), which read memory in
+    order instead of gathering single floats; that counts the final copy to [tokens, axes...] too.
+    Steps: ("perm", new_layout) or ("gate", index, layout_in, layout_out, side_in, side_out).
     """
     return _plan(n_axes)
+
+
+def _scattered(old, new) -> int:
+    """1 when copying layout ``old`` to ``new`` keeps less than a long innermost run (the token axis, or
+    two or more axes) in place, i.e. the copy reads single scattered floats; else 0."""
+    kept = 0
+    for a, b in zip(reversed(old), reversed(new)):
+        if a != b:
+            break
+        if a == TOKENS:
+            return 0
+        kept += 1
+    return 0 if kept >= 2 else 1
 
 
 @functools.lru_cache(maxsize=16)
@@ -151,25 +166,24 @@ def _plan(n: int):
     def available(mask):
         return [g for g in range(len(pairs)) if not mask >> g & 1 and preds[g] & mask == preds[g]]
 
-    def moves(layout, mask):   # copies worth making: an available gate's pair to an end (+ a second pair)
+    def moves(layout, mask):   # copies worth making: an available gate's pair to an end, the rest in any order
         out = set()
         for g in available(mask):
             for p in (pairs[g], pairs[g][::-1]):
-                rest = tuple(s for s in layout if s not in p)
-                out.update((p + rest, rest + p))
-                for h in range(len(pairs)):
-                    if not mask >> h & 1 and h != g and not set(pairs[h]) & set(p):
-                        for q in (pairs[h], pairs[h][::-1]):
-                            middle = tuple(s for s in rest if s not in q)
-                            out.update((p + middle + q, q + middle + p))
+                for rest in itertools.permutations(s for s in layout if s not in p):
+                    out.update((p + rest, rest + p))
         out.discard(layout)
         return out
 
+    copy = 100                                  # a copy costs far more than a scattered one's extra
     heap, seen, tie = [(0, 0, 0, start, ())], set(), itertools.count(1)
     while heap:
         cost, _, mask, layout, steps = heapq.heappop(heap)
         if mask == done:
-            return steps
+            if steps and steps[-1] == "end":
+                return steps[:-1]
+            heapq.heappush(heap, (cost + _scattered(layout, start), next(tie), mask, layout, steps + ("end",)))
+            continue
         if (layout, mask) in seen:
             continue
         seen.add((layout, mask))
@@ -183,7 +197,8 @@ def _plan(n: int):
                         heapq.heappush(heap, (cost, next(tie), mask | 1 << g, new,
                                               steps + (("gate", g, layout, new, side, out),)))
         for new in moves(layout, mask):
-            heapq.heappush(heap, (cost + 1, next(tie), mask, new, steps + (("perm", new),)))
+            heapq.heappush(heap, (cost + copy + _scattered(layout, new), next(tie), mask, new,
+                                  steps + (("perm", new),)))
     raise AssertionError("no plan")  # pragma: no cover
 
 
