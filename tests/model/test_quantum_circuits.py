@@ -331,3 +331,24 @@ def test_tf32_for_circuit_gemms_is_opt_in_and_scoped(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cuda.matmul.allow_tf32 = user_setting
+
+
+def test_quanta_fused_chains_keep_no_more_for_backward_than_the_reference():
+    """The fused node keeps T's gate inputs only (not S's) and x in its own dtype (bf16: half the bytes of
+    its fp32 copy): what it saves for backward is below the per-gate autograd path's."""
+    torch.manual_seed(0)
+    dims = [16, 8, 8, 4]
+    t_gates, s_gates = random_gates(dims), [g.detach() for g in random_gates(dims)]
+    x = torch.randn(64, 4096).bfloat16().requires_grad_()
+
+    def saved_bytes(fused):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            q.quanta_update(x, t_gates, s_gates, dims, 0, 4096, torch.bfloat16, fused=fused)
+        return sum(sizes)
+
+    state = 64 * 4096 * 4                                  # one fp32 state
+    fused, reference = saved_bytes(True), saved_bytes(False)
+    assert fused <= reference - state // 2, (fused, reference)
+    assert fused < 6 * state                               # 5 of T's states + x in bf16 + the small gates

@@ -235,11 +235,12 @@ def _pair_first(m, side):
 
 
 class _QuantaChains(torch.autograd.Function):
-    """Both circuits, M(T)x and M(S)x, as one stacked state [2, layout...]: each gate is one batched GEMM
-    for the two circuits and each axis move one copy for both. Backward reuses the forward's layouts; the
-    gate gradients of T are plain 2-D GEMMs with the token axis as the (long) reduction, which keeps
-    cuBLAS's split-K kernels (a batched weight-gradient GEMM lost them and ran 11x slower). S has no
-    gradient; when x needs none either, only T's chain runs backward.
+    """Both circuits, M(T)x and M(S)x, in one autograd node over :func:`plan`'s layouts. Forward keeps the two
+    states apart (plain GEMMs) so that only T's gate inputs are kept for backward, and x in its own dtype;
+    backward carries both chains' gradients as one stacked state [2, layout...]: each gate one batched GEMM
+    and each axis move one copy for both. T's gate gradients are plain 2-D GEMMs with the token axis as the
+    (long) reduction, which keeps cuBLAS's split-K kernels (a batched weight-gradient GEMM lost them and
+    ran 11x slower). S has no gradient; when x needs none either, only T's chain runs backward.
     """
 
     @staticmethod
@@ -257,34 +258,27 @@ class _QuantaChains(torch.autograd.Function):
         t_gates, s_gates = gates[:n_gates], gates[n_gates:]
         n, tokens, steps = len(dims), x.shape[0], plan(len(dims))
         pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
-        state = (nn.functional.pad(x.float(), (0, pad)) if pad else x.float()).reshape(1, tokens, *dims)
-        saved, stacked, layout, shared = [], [], (TOKENS, *range(n)), True   # shared: T and S see the same x
+        first = _padded_fp32(x, pad, dims)
+        states, saved, stacked, layout = [first, first], [], [], (TOKENS, *range(n))
         for step in steps:
             if step[0] == "perm":
-                new = step[1]
-                state = state.permute(0, *(1 + layout.index(s) for s in new)).contiguous()
-                layout = new
+                order = (0, *(1 + layout.index(s) for s in step[1]))
+                states = [state.permute(order).contiguous() for state in states]
+                layout = step[1]
                 continue
             _, g, layout_in, layout_out, side_in, side_out = step
             pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
             size = dims[pair[0]] * dims[pair[1]]
             mats = _stacked(t_gates[g], s_gates[g], pair, pairs[g][1])
             stacked.append(mats)
-            saved.append(state)
-            inp = _pair_first(_as_side(state, side_in, size), side_in)          # [1 or 2, size, R]
-            if shared:                                  # first gate: one input, two circuits, two GEMMs
-                out = inp.new_empty(2, *(inp.shape[1:] if side_out == "L" else inp.mT.shape[1:]))
-                for k in range(2):
-                    if side_out == "L":
-                        torch.mm(mats[k], inp[0], out=out[k])
-                    else:
-                        torch.mm(inp[0].mT, mats[k].mT, out=out[k])
-                shared = False
-            else:
-                out = mats @ inp if side_out == "L" else inp.mT @ mats.mT
-            state = out.reshape(2, *_sizes(layout_out, dims, tokens))
-            layout = layout_out
-        canonical = state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
+            # T's gate inputs only (its gradients need them); the first is x itself, kept in its own dtype
+            saved.append(x if not saved else states[0])
+            outs = []
+            for state, mat in zip(states, mats):     # T and S: two plain GEMMs, separate states (S's not kept)
+                inp = _pair_first(_as_side(state, side_in, size), side_in)[0]           # [size, R]
+                outs.append((mat @ inp if side_out == "L" else inp.mT @ mat.mT).reshape(1, *_sizes(layout_out, dims, tokens)))
+            states, layout = outs, layout_out
+        canonical = [state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))[0] for state in states]
         delta = torch.empty(tokens, *dims, dtype=out_dtype, device=x.device)
         torch.sub(canonical[0], canonical[1], out=delta)            # one kernel: difference, layout, cast
         ctx.meta = (dims, pad, out_features, steps, pairs, layout, x.dtype, x.shape[1], len(gates) - n_gates)
@@ -320,7 +314,8 @@ class _QuantaChains(torch.autograd.Function):
             pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
             size = dims[pair[0]] * dims[pair[1]]
             g_out = _pair_first(_as_side(g_state, side_out, size), side_out)         # [chains, size, R]
-            inp = _as_side(saved[index], side_in, size)[0]
+            inp = saved[index] if index else _padded_fp32(saved[0], pad, dims)     # x: cast again, not kept in fp32
+            inp = _as_side(inp, side_in, size)[0]
             if ctx.needs_input_grad[6 + g]:
                 grad_t = g_out[0] @ _pair_first(inp[None], side_in)[0].mT            # [size_out, size_in]
                 t_grads[g] = _unoriented(grad_t, pair, pairs[g][1], dims)
@@ -340,6 +335,11 @@ class _QuantaChains(torch.autograd.Function):
             torch.sub(canonical[0], canonical[1], out=grad_x)
             grad_x = grad_x.reshape(tokens, -1)[:, :d_in]
         return (grad_x, None, None, None, None, None, *t_grads, *([None] * n_gates))
+
+
+def _padded_fp32(x, pad, dims):
+    """x [tokens, d_in] (any float dtype) -> fp32 [1, tokens, *dims], zero-padded to prod(dims)."""
+    return (nn.functional.pad(x.float(), (0, pad)) if pad else x.float()).reshape(1, x.shape[0], *dims)
 
 
 def _layouts_before(steps, n):
