@@ -132,7 +132,7 @@ def test_vqc_expval_build_on_cuda_equals_the_reference():
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
     weights = torch.randn_like(fast)
     (fast_grad,), (slow_grad,) = (torch.autograd.grad((out * weights).sum(), theta) for out in (fast, slow))
-    torch.testing.assert_close(fast_grad, slow_grad, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(fast_grad, slow_grad, atol=2e-5 * slow_grad.abs().max().item(), rtol=1e-4)
 
 
 def test_tf32_opt_in_stays_close_and_is_restored(monkeypatch):
