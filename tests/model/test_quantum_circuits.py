@@ -352,3 +352,35 @@ def test_quanta_fused_chains_keep_no_more_for_backward_than_the_reference():
     fused, reference = saved_bytes(True), saved_bytes(False)
     assert fused <= reference - state // 2, (fused, reference)
     assert fused < 6 * state                               # 5 of T's states + x in bf16 + the small gates
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vqc_expval_readout_node_equals_autograd_and_keeps_less(dtype):
+    """The eager expectation readout (one node that recomputes its states in backward) = tq's autograd
+    readout, values and gradients (x, A, B, θ through U); it keeps x in its own dtype and no 2^n-wide state."""
+    from toolkit.model.adapters.quantum.tq import expval_update
+    from toolkit.model.adapters.quantum.vqc import _ExpvalReadout
+    torch.manual_seed(0)
+    delta = VQCDelta(24, 20, n_qubits=5, n_layers=2, readout="expval")
+    with torch.no_grad():
+        delta.B.normal_()
+    x = torch.randn(2, 64, 24).to(dtype).requires_grad_()
+    weights = torch.randn(2, 64, 20)
+    results, kept = [], []
+    for readout in (_ExpvalReadout.apply, lambda x, *args: expval_update(x.float(), *args)):
+        args = (delta.A.float(), delta.unitary(), delta.scale * delta.B.float(), sim.z_signs(5))
+        inputs = {t.data_ptr() for t in (x, *args)}
+        sizes = []                                     # what the readout keeps besides its inputs
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.append(0 if t.data_ptr() in inputs else t.numel() * t.element_size()) or t,
+                lambda t: t):
+            out = readout(x, *args)
+        kept.append(sum(sizes))
+        (out * weights).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in delta.parameters()])
+        x.grad = None
+        delta.zero_grad(set_to_none=True)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert kept[0] <= 2 * 64 * 5 * 4 * 2, kept         # the angles h and ⟨Z⟩, [tokens, n] fp32 each
+    assert kept[1] > 2 * 64 * 2 * 32 * 4, kept         # autograd keeps the [tokens, 2·2^n] amplitudes
