@@ -70,8 +70,12 @@ class SupervisedFinetune(BaseModel):
             if not upcast_unquantized:
                 restore_dtypes(model, loaded)
         elif gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if adapter is not None:
+            # Compiled: reentrant checkpointing, whose first forward runs without autograd (the compiled
+            # inference graph; non-reentrant runs the training graph and drops what it saves), as peft's
+            # QLoRA preparation already does. Offload hooks need the non-reentrant kind.
+            reentrant = bool(compile) and not offload_activations
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if adapter is not None or reentrant:
                 model.enable_input_require_grads()
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
@@ -80,8 +84,8 @@ class SupervisedFinetune(BaseModel):
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
         elif compile:
-            print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused kernels)",
-                      logger="current")
+            print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused "
+                      "kernels)", logger="current")
         self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens)
         for line in lines:
             print_log(line, logger="current")
