@@ -42,10 +42,10 @@ class SupervisedFinetune(BaseModel):
     With an adapter, only the adapter's weights are trainable and only they go into checkpoints;
     without one (full fine-tuning), every weight does. ``compile=True`` compiles each transformer block
     on CUDA (:func:`compile_blocks`); on a CPU the option is ignored with a log line. A dict instead of True
-    passes Inductor options: ``compile=dict(cpp_wrapper=True)`` runs the code that launches a block's kernels
-    in C++ (needs a C++ compiler), which took a compiled 7B LoRA step on an H100 from 6,768 to 8,344 tokens/s
-    since the step waited on Python. Opt-in: in a process that had compiled other graphs with the default
-    wrapper, Inductor's C++ wrapper failed ("CudaKernelParamCache not populated") on torch 2.11.
+    passes Inductor options. One measured and not recommended: ``compile=dict(cpp_wrapper=True)`` (the code
+    that launches a block's kernels in C++) took a compiled 7B LoRA step on an H100 from 6,768 to 8,344
+    tokens/s once, and failed to compile in two later runs on torch 2.11 ("CudaKernelParamCache not
+    populated"), one of them in a fresh process.
 
     Long context (docs/long_context.md): ``offload_activations`` keeps the checkpointed block inputs in host
     memory, ``tiled_mlp`` (True or tokens per tile) runs each MLP over tiles of the sequence, and
