@@ -1,4 +1,6 @@
-"""``compile=True`` on a machine without CUDA: the blocks run eagerly, say so, and train the same numbers."""
+"""``compile=True`` on a machine without CUDA (the blocks run eagerly, say so, train the same numbers), and which
+kind of gradient checkpointing compiled blocks get."""
+import pytest
 import torch
 from mmengine.logging import MMLogger
 from peft import LoraConfig
@@ -33,3 +35,59 @@ def test_compile_blocks_finds_every_decoder_layer(tiny_llama_dir):
     llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     assert compile_blocks(llm) == llm.config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in llm.model.layers)
+
+
+def _checkpoint_kind(model) -> bool:
+    """use_reentrant of the checkpoint function transformers put on the decoder layers."""
+    funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()} - {None}
+    assert len(funcs) == 1
+    return next(iter(funcs)).keywords["use_reentrant"]
+
+
+def test_reentrant_checkpointing_only_for_compiled_peft_blocks_and_never_for_circuit_adapters(
+        tiny_llama_dir, monkeypatch):
+    """With blocks compiled on CUDA (simulated: no compile runs here), peft adapters checkpoint the reentrant
+    way; vqc's unitary, built once a forward, would be backpropagated twice by reentrant checkpoints, so
+    it keeps the non-reentrant kind and trains."""
+    import toolkit.model.offload as offload
+    import toolkit.model.sft as sft
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sft, "compile_blocks", lambda model, options=None: 0)
+    monkeypatch.setattr(offload, "checkpoint_inside_compiled_block", lambda: False)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    kinds = {}
+    for name, adapter in [("lora", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)),
+                          ("vqc", dict(type="vqc", n_qubits=2, n_layers=1, target_modules=["q_proj", "v_proj"]))]:
+        for compile in (True, False, dict()):
+            llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+            model = SupervisedFinetune(llm, adapter, gradient_checkpointing=True, compile=compile).train()
+            kinds[name, str(compile)] = _checkpoint_kind(model)
+        model(ids, ids.clone())["loss"].backward()  # the last one: vqc or lora, compiled
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert kinds == {("lora", "True"): True, ("lora", "False"): False, ("lora", "{}"): True,
+                     ("vqc", "True"): False, ("vqc", "False"): False, ("vqc", "{}"): False}
+
+
+def test_circuit_adapter_with_reentrant_checkpointing_fails_which_is_why_it_is_not_used(tiny_llama_dir):
+    """The control for the test above: force the reentrant kind on vqc and the second layer's backward
+    meets the freed unitary graph."""
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    llm.enable_input_require_grads()
+    model = SupervisedFinetune(llm, dict(type="vqc", n_qubits=2, n_layers=1, target_modules=["q_proj"])).train()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        model(ids, ids.clone())["loss"].backward()
+
+
+def test_kbit_preparation_checkpoints_circuit_adapters_the_non_reentrant_way(tiny_llama_dir):
+    """peft's QLoRA preparation checkpoints the reentrant way unless told otherwise, which breaks vqc as
+    above; tk tells it. (A bf16 model flagged as 4-bit: peft's preparation is the same code either way.)"""
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    llm.is_loaded_in_4bit = True
+    model = SupervisedFinetune(llm, dict(type="vqc", n_qubits=2, n_layers=1, target_modules=["q_proj"]),
+                               gradient_checkpointing=True).train()
+    assert _checkpoint_kind(model) is False
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(ids, ids.clone())["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -7,12 +7,30 @@ from mmengine.model import BaseModel
 
 from ..builder import build
 from .adapters import apply_adapter
+from .adapters.apply import is_registered_adapter
 from .long_context import apply_long_context, check_options, restore_dtypes
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 
 
 def _is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def reentrant_checkpointing(compile, adapter, offload_activations: bool) -> bool:
+    """Whether a bf16 model's gradient checkpointing should be the reentrant kind.
+
+    Only where it pays and is safe: blocks compiled on CUDA with transformers checkpointing around the
+    compiled call, where the reentrant kind's first forward runs the compiled inference graph (the
+    non-reentrant kind runs the training graph and drops what it saves; peft's QLoRA preparation already
+    checkpoints the reentrant way). Never for tk's circuit adapters, whose unitary is built once a forward
+    and read by every layer: each layer's reentrant backward would backpropagate through that build again
+    ("Trying to backward through the graph a second time"); nor with offloaded activations (their hooks
+    need the non-reentrant kind).
+    """
+    from .offload import checkpoint_inside_compiled_block
+    compiled = (compile is True or isinstance(compile, dict)) and torch.cuda.is_available()
+    return (compiled and not offload_activations and not is_registered_adapter(adapter)
+            and not checkpoint_inside_compiled_block())
 
 
 def compile_blocks(model, options: dict | None = None) -> int:
@@ -66,24 +84,26 @@ class SupervisedFinetune(BaseModel):
         if _is_quantized(model):
             from peft import prepare_model_for_kbit_training
             loaded = {name: p.dtype for name, p in model.named_parameters()}
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            # peft checkpoints the reentrant way unless told otherwise; tk's circuit adapters need the other
+            # kind (see reentrant_checkpointing)
+            kinds = {"use_reentrant": False} if is_registered_adapter(adapter) else None
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=kinds)
             if not upcast_unquantized:
                 restore_dtypes(model, loaded)
         elif gradient_checkpointing:
-            # Compiled: reentrant checkpointing, whose first forward runs without autograd (the compiled
-            # inference graph; non-reentrant runs the training graph and drops what it saves), as peft's
-            # QLoRA preparation already does. Offload hooks need the non-reentrant kind.
-            reentrant = bool(compile) and not offload_activations
+            reentrant = reentrant_checkpointing(compile, adapter, offload_activations)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             if adapter is not None or reentrant:
                 model.enable_input_require_grads()
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
-        if compile and torch.cuda.is_available():
+        wants_compile = compile is True or isinstance(compile, dict)  # dict(): compiled, default options
+        if wants_compile and torch.cuda.is_available():
             options = compile if isinstance(compile, dict) else None
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
-        elif compile:
+        elif wants_compile:
             print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused "
                       "kernels)", logger="current")
         self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens)

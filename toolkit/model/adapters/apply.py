@@ -15,6 +15,12 @@ def is_peft_config(obj) -> bool:
     return isinstance(obj, PeftConfig)
 
 
+def is_registered_adapter(adapter_cfg) -> bool:
+    """True for one of tk's own adapters (``dict(type='vqc', ...)``), False for peft configs and None."""
+    factory = adapter_cfg.get("type") if isinstance(adapter_cfg, dict) else None
+    return isinstance(factory, str) and "." not in factory
+
+
 def apply_adapter(model, adapter_cfg):
     """Return the adapted model; base weights frozen, adapter weights trainable."""
     if adapter_cfg is None:
@@ -22,7 +28,7 @@ def apply_adapter(model, adapter_cfg):
     factory = adapter_cfg.get("type") if isinstance(adapter_cfg, dict) else None
     # A dotted name ('peft.tuners.lora.config.LoraConfig', as mmengine writes configs it dumps) is built
     # below like the class itself; a plain name is one of tk's registered adapters.
-    if isinstance(factory, str) and "." not in factory:
+    if is_registered_adapter(adapter_cfg):
         builder = ADAPTERS.get(factory)
         if builder is None:
             raise UserError(f"unknown adapter type {factory!r}; choose one of: "
