@@ -99,6 +99,27 @@ def test_chunked_loss_on_ragged_labels_equals_the_models_own_loss(tiny_llama_dir
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_chunked_loss_with_dropout_in_the_head_gives_the_unchunked_gradients(tiny_llama_dir):
+    """LoRA on lm_head with dropout: each chunk's recompute must draw the forward's dropout mask."""
+    from peft import get_peft_model
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "lm_head"],
+                                      init_lora_weights=False)).train()
+    ids, labels = _batch()
+    results = []
+    for chunk_tokens in (None, 5):
+        model.zero_grad()
+        torch.manual_seed(5)
+        loss = causal_lm_loss(model, ids, labels, chunk_tokens=chunk_tokens)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ref, ref_grads), (ours, grads) = results
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    assert any("lm_head" in name for name in ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_chunked_loss_with_no_trained_token_is_zero_and_backpropagates(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     ids, _ = _batch()

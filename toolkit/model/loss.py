@@ -49,8 +49,8 @@ def head_cross_entropy(head, hidden, targets, chunk_tokens: int | None = DEFAULT
     total = None
     for piece, target in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
         if grad:  # keep only the chunk's input; backward recomputes its logits
-            part = checkpoint(_summed_cross_entropy, head, piece, target, use_reentrant=False,
-                              preserve_rng_state=False)
+            # preserve_rng_state: an adapter on the head may use dropout, which the recompute must redraw
+            part = checkpoint(_summed_cross_entropy, head, piece, target, use_reentrant=False)
         else:
             part = _summed_cross_entropy(head, piece, target)
         total = part if total is None else total + part
