@@ -14,7 +14,8 @@ fp32 and rounded once to the compute dtype. Eagerly on a CPU the weights come ou
 Eagerly, the weight is never kept dequantized: the backward dequantizes it again (what bitsandbytes'
 own ``MatMul4Bit`` does). Compiled, Inductor's partitioner may instead keep the bf16 weight of the layer
 being differentiated for its backward (measured on the H100: it does); under gradient checkpointing that is
-one transformer block's weights at a time (~0.4 GB for a 7B block), not the model's.
+one transformer block's weights at a time (~0.4 GB for a 7B block); compiled without gradient checkpointing
+it may be every layer's (not measured).
 """
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ class _Linear4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        weight = dequantize(*ctx.saved_tensors, *ctx.sizes, grad.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize(*ctx.saved_tensors, *ctx.sizes, grad.dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return (grad @ weight, grad_bias) + (None,) * 9
+        return (grad_x, grad_bias) + (None,) * 9
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:

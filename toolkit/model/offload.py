@@ -90,6 +90,9 @@ class ActivationOffloader:
             item.device_copy.copy_(item.host, non_blocking=True)
             item.ready = torch.cuda.Event()
             item.ready.record(stream)
+        # allocated on the main stream, written on the side one: a copy dropped before its unpack (an error
+        # mid-backward, autograd.grad over part of the graph) must not free memory the copy still writes
+        item.device_copy.record_stream(stream)
 
     def unpack(self, item):
         if isinstance(item, torch.Tensor):
