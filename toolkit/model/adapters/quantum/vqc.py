@@ -177,7 +177,8 @@ class _ExpvalReadout(torch.autograd.Function):
     """The expectation readout of one layer, Δy = B · ⟨Z⟩(U · ψ_enc(π·tanh(A·x))), as one eager autograd node
     that keeps x in its own dtype and the [tokens, n] angles, and recomputes the encoded states and the
     [tokens, 2·2^n] amplitudes in backward (one more GEMM) instead of keeping them: autograd kept ~64 MiB a
-    layer at 2,048 tokens, this keeps ~16 MiB (bf16 x). The same numbers as :func:`tq.expval_update`.
+    layer at 2,048 tokens, this keeps ~16 MiB (bf16 x). The same numbers as :func:`tq.expval_update`. Used on
+    CPUs and with TK_QUANTUM_COMPILE=0; on CUDA by default the compiled readout runs instead.
     """
 
     @staticmethod
@@ -245,7 +246,8 @@ class VQCDelta(nn.Module):
         return (vqc_unitary(self.theta.float(), self.n_qubits) if self.readout == "amplitude"
                 else self.batched_unitary(self.theta.float()))
 
-    casts_input = True      # takes x in the base dtype (the expectation readout keeps it so for backward)
+    casts_input = True      # takes x in the base dtype (the eager expectation readout keeps it so for backward;
+                            # the compiled CUDA readout is given x.float() and Inductor decides what it keeps)
 
     def forward(self, x, out_dtype=None):
         if self.readout == "expval":
