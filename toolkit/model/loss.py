@@ -76,5 +76,7 @@ def causal_lm_loss(model, input_ids, labels, attention_mask=None, position_ids=N
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
-        return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph connected
+        # nothing to learn in this batch: a zero that still reaches every weight, the head's included (under
+        # DDP a weight this rank's graph skips would stall the gradient all-reduce)
+        return head(hidden[:, :1]).sum() * 0.0
     return head_cross_entropy(head, hidden[:, :-1][keep], targets[keep], chunk_tokens)
