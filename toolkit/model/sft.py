@@ -16,6 +16,11 @@ def _is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def _wants_compile(compile) -> bool:
+    """``compile=True`` or a dict of Inductor options (``dict()``: compiled with the defaults)."""
+    return compile is True or isinstance(compile, dict)
+
+
 def reentrant_checkpointing(compile, adapter, offload_activations: bool) -> bool:
     """Whether a bf16 model's gradient checkpointing should be the reentrant kind.
 
@@ -28,7 +33,7 @@ def reentrant_checkpointing(compile, adapter, offload_activations: bool) -> bool
     need the non-reentrant kind).
     """
     from .offload import checkpoint_inside_compiled_block
-    compiled = (compile is True or isinstance(compile, dict)) and torch.cuda.is_available()
+    compiled = _wants_compile(compile) and torch.cuda.is_available()
     return (compiled and not offload_activations and not is_registered_adapter(adapter)
             and not checkpoint_inside_compiled_block())
 
@@ -98,12 +103,11 @@ class SupervisedFinetune(BaseModel):
                 model.enable_input_require_grads()
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
-        wants_compile = compile is True or isinstance(compile, dict)  # dict(): compiled, default options
-        if wants_compile and torch.cuda.is_available():
+        if _wants_compile(compile) and torch.cuda.is_available():
             options = compile if isinstance(compile, dict) else None
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
-        elif wants_compile:
+        elif _wants_compile(compile):
             print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused "
                       "kernels)", logger="current")
         self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens)
