@@ -193,6 +193,30 @@ def test_offload_keeps_a_compiled_block_whole(tiny_llama_dir, options):
     assert offloader.packed_count == len(layers)
 
 
+@pytest.mark.parametrize("moves", [True, False], ids=["offloads", "moves_nothing"])
+def test_offload_that_moves_nothing_says_so_once(tiny_llama_dir, moves):
+    import logging
+
+    from mmengine.logging import MMLogger
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = MMLogger.get_instance("tk-test-offload-check")
+    logger.addHandler(handler)
+    try:
+        model = _model(tiny_llama_dir, offload_activations=True)
+        if not moves:  # as when a model's layers take their hidden states by keyword: nothing reaches pack
+            model.activation_offloader.pack = lambda tensor: tensor
+            model.activation_offloader.unpack = lambda item: item
+        _step(model)
+        _step(model)
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r for r in records if "moved no block input to host memory" in r.getMessage()]
+    assert len(warnings) == (0 if moves else 1)
+    assert all(r.levelno == logging.WARNING for r in warnings)
+
+
 def test_offload_out_of_host_memory_is_one_clear_error(tiny_llama_dir, monkeypatch):
     model = _model(tiny_llama_dir, offload_activations=True)
     empty = torch.empty

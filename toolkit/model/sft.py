@@ -1,6 +1,8 @@
 """The mmengine model for supervised fine-tuning: an HF causal LM, optionally k-bit and adapted."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
@@ -117,8 +119,23 @@ class SupervisedFinetune(BaseModel):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, mode: str = "loss"):
         if mode != "loss":
             raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
-        return {"loss": causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids,
-                                       chunk_tokens=self.loss_chunk_tokens)}
+        loss = causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids,
+                              chunk_tokens=self.loss_chunk_tokens)
+        self._check_offload_once()
+        return {"loss": loss}
+
+    def _check_offload_once(self) -> None:
+        """After the first training forward: say so if offload_activations moved nothing (a model whose
+        layers take their hidden states by keyword gives the checkpoint no tensor argument to offload)."""
+        offloader = self.activation_offloader
+        if offloader is None or getattr(self, "_offload_checked", False) or not (self.training
+                                                                                 and torch.is_grad_enabled()):
+            return
+        self._offload_checked = True
+        if offloader.packed_count == 0:
+            print_log("offload_activations=True: the first training step moved no block input to host memory "
+                      "(this model's layers may take their hidden states by keyword); GPU memory is as "
+                      "without offload", logger="current", level=logging.WARNING)
 
     def init_weights(self) -> None:
         """Nothing to do: weights come from the checkpoint and the adapter's own init. mmengine's Runner
