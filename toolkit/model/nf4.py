@@ -66,10 +66,8 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype
     compute = self.compute_dtype or dtype
     bias = None if self.bias is None else self.bias.to(compute)
-    nested = self.nf4_nested
-    y = _Linear4bit.apply(x.to(compute), bias, self.nf4_packed, self.nf4_code, self.nf4_absmax,
-                          self.nf4_absmax2 if nested else None, self.nf4_absmax2_code if nested else None,
-                          self.nf4_offset if nested else None, self.nf4_shape, self.nf4_blocksize,
+    y = _Linear4bit.apply(x.to(compute), bias, self.nf4_packed, self.nf4_code, self.nf4_absmax, self.nf4_absmax2,
+                          self.nf4_absmax2_code, self.nf4_offset, self.nf4_shape, self.nf4_blocksize,
                           self.nf4_blocksize2)
     return y.to(dtype)
 
@@ -87,11 +85,11 @@ def _register(module: nn.Module) -> None:
     module.nf4_packed = module.weight.data.view(torch.uint8).view(-1)
     module.nf4_code = state.code.float()
     module.nf4_absmax = state.absmax
-    module.nf4_nested = bool(state.nested)
-    if state.nested:
-        module.nf4_absmax2 = state.state2.absmax.float()
-        module.nf4_absmax2_code = state.state2.code.float()
-        module.nf4_offset = torch.as_tensor(state.offset, dtype=torch.float32, device=state.absmax.device)
+    # the double quantization's state, or None where the scales are plain fp32
+    module.nf4_absmax2 = state.state2.absmax.float() if state.nested else None
+    module.nf4_absmax2_code = state.state2.code.float() if state.nested else None
+    module.nf4_offset = (torch.as_tensor(state.offset, dtype=torch.float32, device=state.absmax.device)
+                         if state.nested else None)
     module.nf4_shape = tuple(int(s) for s in state.shape)
     module.nf4_blocksize = int(state.blocksize)
     module.nf4_blocksize2 = int(state.state2.blocksize) if state.nested else 0

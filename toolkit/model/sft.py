@@ -10,8 +10,10 @@ from mmengine.model import BaseModel
 from ..builder import build
 from .adapters import apply_adapter
 from .adapters.apply import is_registered_adapter
+from .blocks import transformer_blocks
 from .long_context import apply_long_context, check_options, restore_dtypes
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
+from .nf4 import use_torch_4bit
 
 
 def _is_quantized(model) -> bool:
@@ -34,7 +36,7 @@ def reentrant_checkpointing(compile, adapter, offload_activations: bool) -> bool
     ("Trying to backward through the graph a second time"); nor with offloaded activations (their hooks
     need the non-reentrant kind).
     """
-    from .offload import checkpoint_inside_compiled_block
+    from .offload import checkpoint_inside_compiled_block  # looked up per call (tests stand in for it)
     compiled = _wants_compile(compile) and torch.cuda.is_available()
     return (compiled and not offload_activations and not is_registered_adapter(adapter)
             and not checkpoint_inside_compiled_block())
@@ -51,11 +53,8 @@ def compile_blocks(model, options: dict | None = None) -> int:
     custom-op call each (what bound the compiled QLoRA step). ``options``: Inductor options for every block,
     e.g. ``{"cpp_wrapper": True}``. Returns how many blocks were compiled.
     """
-    from .nf4 import use_torch_4bit
     use_torch_4bit(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = transformer_blocks(model)
     for block in blocks:
         block.compile(options=dict(options or {}))
     return len(blocks)

@@ -15,6 +15,8 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .blocks import transformer_blocks
+
 #: tokens per MLP tile; a 7B MLP tile is then 8192 x 11008 (172 MiB in bf16) per intermediate tensor
 DEFAULT_TILE_TOKENS = 8192
 
@@ -34,10 +36,8 @@ def tiled_forward(forward, tokens: int, module, x: torch.Tensor) -> torch.Tensor
 def _mlps(model):
     """The per-token MLP of each transformer block: the ``mlp`` child of the classes HF lists in
     ``_no_split_modules``, when it is a dense MLP (a class named ``...MLP``, not a mixture of experts)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    for block in model.modules():
-        mlp = getattr(block, "mlp", None) if type(block).__name__ in names else None
+    for block in transformer_blocks(model):
+        mlp = getattr(block, "mlp", None)
         if mlp is not None and type(mlp).__name__.endswith("MLP"):
             yield mlp
 
