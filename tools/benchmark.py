@@ -255,6 +255,14 @@ def _run(command: list, log: Path, env: dict, cwd: Path) -> int:
         return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
 
 
+def _compile_setting(args) -> bool | dict:
+    """tk's ``compile=``: True, or a dict of Inductor options from --cpp-wrapper / --compile-options."""
+    options = json.loads(args.compile_options) if args.compile_options else {}
+    if args.cpp_wrapper:
+        options["cpp_wrapper"] = True
+    return options if options else args.compile
+
+
 def run_tk(args, method: str, out: Path, vocab: int) -> dict:
     work = out / f"tk_{method}"
     work.mkdir(parents=True, exist_ok=True)
@@ -262,7 +270,7 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
     cfg.write_text(tk_config(args.model, method, args.seq, args.bs, args.steps, args.warmup, vocab,
                              gc=not args.no_gc, world_size=args.nproc, peak_tflops=args.peak_tflops,
                              optimizer=args.tk_optimizer, profile_rows=args.profile,
-                             compile=dict(cpp_wrapper=True) if args.cpp_wrapper else args.compile,
+                             compile=_compile_setting(args),
                              offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp or False,
                              upcast=not args.no_upcast))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
@@ -330,6 +338,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="tk compiles each transformer block (compile=True)")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="as --compile, with Inductor's C++ wrapper (compile=dict(cpp_wrapper=True))")
+    parser.add_argument("--compile-options", metavar="JSON",
+                        help='as --compile, with these Inductor options, e.g. \'{"triton.cudagraphs": true}\'')
     parser.add_argument("--offload-activations", action="store_true",
                         help="tk keeps the checkpointed block inputs in host memory (docs/long_context.md)")
     parser.add_argument("--tiled-mlp", type=int, nargs="?", const=True, metavar="TOKENS",
