@@ -140,7 +140,29 @@ def offload_checkpointed_inputs(model, offloader: ActivationOffloader) -> int:
             module._compiled_call_impl = functools.partial(_checkpointed_call, offloader, module, compiled)
         else:
             module._gradient_checkpointing_func = function
+    if modules:
+        _stop_inputs_requiring_grad(model)
     return sum(isinstance(m, GradientCheckpointingLayer) for m in modules)
+
+
+def _stop_inputs_requiring_grad(model) -> None:
+    """Remove the hook (``enable_input_require_grads``, set by peft's k-bit preparation and for adapters) that
+    makes the embeddings' output require grad. Only reentrant checkpointing needs it, and offloading is
+    non-reentrant; with it the first block's input is a leaf whose gradient accumulator keeps it on the
+    device, so one block input (2-4 GiB at 256k tokens on a 7B model) would never leave GPU memory.
+    tk and peft may each have registered it (transformers keeps the handle of the last call only), so the
+    hooks are found by the names transformers and peft give them."""
+    from transformers import PreTrainedModel
+    names = {"make_inputs_require_grads", "make_inputs_require_grad"}
+    for module in model.modules():
+        try:
+            embeddings = module.get_input_embeddings() if isinstance(module, PreTrainedModel) else None
+        except NotImplementedError:
+            embeddings = None
+        if embeddings is not None:
+            hooks = embeddings._forward_hooks
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__name__", "") in names]:
+                del hooks[key]
 
 
 def _checkpointed_call(offloader: ActivationOffloader, module, call, *args, **kwargs):
