@@ -4,6 +4,7 @@
 - ``offload_activations``: checkpointed block inputs in host memory (:mod:`.offload`)
 - ``tiled_mlp``: each block's MLP over tiles of the sequence (:mod:`.tiled_mlp`)
 - ``upcast_unquantized=False``: QLoRA keeps a bf16 residual stream (:func:`restore_dtypes`)
+- ``recompute_attention=False``: checkpointing keeps the attention kernel's outputs (:mod:`.selective_checkpoint`)
 
 docs/long_context.md has the memory arithmetic and the commands.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .offload import ActivationOffloader, offload_checkpointed_inputs
+from .selective_checkpoint import checkpoint_saving_attention
 from .tiled_mlp import DEFAULT_TILE_TOKENS, tile_mlps
 
 
@@ -22,12 +24,15 @@ def _positive(name: str, value) -> int:
 
 
 def check_options(gradient_checkpointing: bool, offload_activations: bool, tiled_mlp,
-                  loss_chunk_tokens) -> tuple[int | None, int | None]:
+                  loss_chunk_tokens, recompute_attention: bool = True) -> tuple[int | None, int | None]:
     """(MLP tile tokens or None, loss chunk tokens or None) from the user's settings; one-line UserError
     for a value that cannot work."""
     if offload_activations and not gradient_checkpointing:
         raise UserError("model.offload_activations=True moves the inputs that gradient checkpointing keeps; "
                         "set model.gradient_checkpointing=True as well")
+    if not recompute_attention and not gradient_checkpointing:
+        raise UserError("model.recompute_attention=False chooses what gradient checkpointing recomputes; "
+                        "set model.gradient_checkpointing=True as well (without it nothing is recomputed)")
     tile = None
     if tiled_mlp is True:
         tile = DEFAULT_TILE_TOKENS
@@ -37,11 +42,20 @@ def check_options(gradient_checkpointing: bool, offload_activations: bool, tiled
     return tile, chunk
 
 
-def apply_long_context(model, offload_activations: bool, tile_tokens: int | None) -> tuple:
+def apply_long_context(model, offload_activations: bool, tile_tokens: int | None,
+                       recompute_attention: bool = True) -> tuple:
     """Apply the switches to ``model`` (after its adapter and after compiling its blocks). Returns (the
     offloader or None, log lines)."""
     lines, offloader = [], None
-    if offload_activations:
+    if not recompute_attention:  # one checkpoint function that also offloads, where both are on
+        offloader = ActivationOffloader() if offload_activations else None
+        count = checkpoint_saving_attention(model, offloader)
+        if count == 0:
+            raise UserError("model.recompute_attention=False: this model has no gradient-checkpointed blocks; "
+                            "set model.gradient_checkpointing=True")
+        lines.append(f"recompute_attention=False: {count} checkpointed blocks keep their attention output; "
+                     f"backward recomputes the rest" + (" (their inputs in host memory)" if offloader else ""))
+    elif offload_activations:
         offloader = ActivationOffloader()
         count = offload_checkpointed_inputs(model, offloader)
         if count == 0:

@@ -77,15 +77,18 @@ class SupervisedFinetune(BaseModel):
     ``loss_chunk_tokens`` (None: never) bounds how many positions' logits exist at once.
     ``upcast_unquantized=False`` (4/8-bit models) keeps the weights bitsandbytes did not quantize in their
     loaded dtype instead of peft's fp32 (whose fp32 embeddings make the whole residual stream fp32).
+    ``recompute_attention=False`` keeps each checkpointed block's attention output, so backward recomputes
+    the rest of the block but not the attention (:mod:`.selective_checkpoint`).
     """
 
     def __init__(self, llm, adapter=None, gradient_checkpointing: bool = False, compile: bool | dict = False,
                  offload_activations: bool = False, tiled_mlp: bool | int = False,
                  loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, upcast_unquantized: bool = True,
+                 recompute_attention: bool = True,
                  data_preprocessor=None):
         super().__init__(data_preprocessor=data_preprocessor)
         tile_tokens, self.loss_chunk_tokens = check_options(gradient_checkpointing, offload_activations, tiled_mlp,
-                                                            loss_chunk_tokens)
+                                                            loss_chunk_tokens, recompute_attention)
         model = build(llm) if isinstance(llm, dict) else llm
         model.config.use_cache = False
         if _is_quantized(model):
@@ -114,7 +117,8 @@ class SupervisedFinetune(BaseModel):
                       "kernels)", logger="current")
         # compiled blocks cannot reuse autocast's cast of LoRA's fp32 matrices: cast them once per step instead
         self.lora_cast = LoraCast(self.llm) if _wants_compile(compile) and torch.cuda.is_available() else None
-        self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens)
+        self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens,
+                                                              recompute_attention)
         for line in lines:
             print_log(line, logger="current")
 

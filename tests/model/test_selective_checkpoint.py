@@ -1,0 +1,213 @@
+"""recompute_attention=False: checkpointing keeps the attention kernel's outputs, and trains the same numbers.
+
+Tiny llama (2 layers) with LoRA on all 7 projections, fp32 on a CPU, sdpa attention, one forward + backward.
+The attention kernel is counted at dispatch (a TorchDispatchMode sees each aten op once). Tolerance: none.
+The saved-attention path runs the same kernels on the same inputs as full checkpointing, and checkpoint
+restores the RNG state for the recompute, so loss and every LoRA gradient are bit-equal, with LoRA dropout
+0.1 too (a control without the RNG state restored shows the test sees a different mask).
+"""
+import contextlib
+import re
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+from toolkit.errors import UserError
+from toolkit.model import selective_checkpoint
+from toolkit.model.long_context import apply_long_context
+from toolkit.model.selective_checkpoint import ATTENTION_OPS
+from toolkit.model.sft import SupervisedFinetune
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAYERS = 2  # the tiny llama's
+
+
+def _model(folder, dropout=0.1, quantized=False, attn="sdpa", **options):
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+    if quantized:  # SupervisedFinetune's QLoRA path: peft's k-bit preparation, reentrant checkpointing
+        llm.is_loaded_in_4bit = True
+    # init_lora_weights=False: B random too (from zero, A would get no gradient)
+    lora = dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS,
+                init_lora_weights=False)
+    return SupervisedFinetune(llm, lora, gradient_checkpointing=True, **options).train()
+
+
+class _CountAttention(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def _step(model, seed=5, count=True):
+    """(loss, {trainable name: grad}, attention kernel calls) of one forward + backward. ``count=False`` for
+    compiled blocks: dynamo does not compile a frame that is first called under a dispatch mode."""
+    ids = torch.randint(3, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    counter = _CountAttention()
+    with counter if count else contextlib.nullcontext():
+        loss = model(ids, labels)["loss"]
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, counter.count
+
+
+def _assert_equal(ours, reference):
+    assert torch.equal(ours[0], reference[0])
+    assert ours[1].keys() == reference[1].keys() and len(ours[1]) == LAYERS * 7 * 2
+    for name, grad in reference[1].items():
+        assert torch.equal(ours[1][name], grad), name
+    assert all(g.abs().sum() > 0 for g in ours[1].values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_attention_runs_once_per_layer_and_the_numbers_stay(tiny_llama_dir, dropout):
+    reference = _step(_model(tiny_llama_dir, dropout))
+    ours = _step(_model(tiny_llama_dir, dropout, recompute_attention=False))
+    assert reference[2] == 2 * LAYERS  # forward and backward's recompute
+    assert ours[2] == LAYERS  # forward only
+    _assert_equal(ours, reference)
+
+
+def test_the_recompute_draws_the_forwards_dropout_masks(tiny_llama_dir, monkeypatch):
+    """The control for the test above: without the RNG state restored, LoRA dropout's masks in the
+    recompute differ from forward's, and the gradients with them."""
+    reference = _step(_model(tiny_llama_dir, 0.1))
+    model = _model(tiny_llama_dir, 0.1, recompute_attention=False)
+    checkpoint = selective_checkpoint.checkpoint
+    monkeypatch.setattr(selective_checkpoint, "checkpoint",
+                        lambda *args, **kw: checkpoint(*args, **kw, preserve_rng_state=False))
+    ours = _step(model)
+    assert torch.equal(ours[0], reference[0])  # forward draws the same masks
+    assert not all(torch.equal(ours[1][n], g) for n, g in reference[1].items())
+
+
+def test_qlora_path_replaces_peft_reentrant_checkpoint(tiny_llama_dir):
+    """peft's k-bit preparation checkpoints the reentrant way; the switch needs (and sets) non-reentrant."""
+    reference = _step(_model(tiny_llama_dir, 0.1, quantized=True))
+    model = _model(tiny_llama_dir, 0.1, quantized=True, recompute_attention=False)
+    layers = model.llm.base_model.model.model.layers
+    assert not any(layer.gradient_checkpointing for layer in layers)  # HF's (reentrant) checkpoint is off
+    ours = _step(model)
+    assert reference[2] == 2 * LAYERS and ours[2] == LAYERS
+    _assert_equal(ours, reference)
+
+
+def test_composes_with_offload_and_tiled_mlp(tiny_llama_dir):
+    offloaded = _model(tiny_llama_dir, 0.1, offload_activations=True)
+    reference = _step(offloaded)
+    model = _model(tiny_llama_dir, 0.1, offload_activations=True, recompute_attention=False)
+    ours = _step(model)
+    assert ours[2] == LAYERS
+    _assert_equal(ours, reference)
+    # the same host copies: each layer's input, once a step; the saved attention outputs stay on the device
+    assert model.activation_offloader.packed_count == offloaded.activation_offloader.packed_count == LAYERS
+    assert model.activation_offloader.packed_bytes == offloaded.activation_offloader.packed_bytes > 0
+    tiled = _step(_model(tiny_llama_dir, 0.0, offload_activations=True, tiled_mlp=16))
+    ours = _step(_model(tiny_llama_dir, 0.0, offload_activations=True, tiled_mlp=16, recompute_attention=False))
+    assert ours[2] == LAYERS
+    _assert_equal(ours, tiled)
+
+
+def test_offloaded_block_inputs_are_freed_after_forward(tiny_llama_dir):
+    """The first block's input too (the embeddings' output: no hook makes it a leaf that stays alive)."""
+    import gc
+    import weakref
+    model = _model(tiny_llama_dir, offload_activations=True, recompute_attention=False)
+    offloader, alive = model.activation_offloader, []
+    pack = offloader.pack
+    offloader.pack = lambda tensor: (alive.append(weakref.ref(tensor)) if tensor.numel() else None, pack(tensor))[1]
+    ids = torch.randint(3, 1000, (1, 40), generator=torch.Generator().manual_seed(1))
+    loss = model(ids, ids.clone())["loss"]
+    gc.collect()
+    assert len(alive) == LAYERS and all(ref() is None for ref in alive)
+    loss.backward()
+
+
+def _attention_forwards(graph) -> int:
+    """Attention kernels in an FX graph, also those AOTAutograd wraps to replay with a saved RNG state."""
+    return sum(node.target in ATTENTION_OPS or any(arg in ATTENTION_OPS for arg in node.args)
+               for node in graph.nodes if node.op == "call_function")
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
+def test_compiled_block_applies_the_policy_in_its_graph(tiny_llama_dir, recompute):
+    """Blocks compiled first (as SupervisedFinetune orders it): the selective checkpoint traces into each
+    block's graph without a break, AOTAutograd's backward graph then has no attention forward (the control,
+    full checkpointing, has one), and the eager numbers come out (aot_eager: no Inductor, runs on a CPU)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.utils import counters
+    from torch._functorch.aot_autograd import aot_module_simplified
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, inputs):
+            graphs[kind].append(_attention_forwards(gm.graph))
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+
+    reference = _step(_model(tiny_llama_dir, 0.0))
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(tiny_llama_dir, 0.0)
+    layers = model.llm.base_model.model.model.layers
+    for layer in layers:
+        layer.compile(backend=backend)
+    if not recompute:
+        apply_long_context(model.llm, False, None, recompute_attention=False)
+    ours = _step(model, count=False)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # forward runs each block's attention once (full checkpointing saves the RNG state to replay it); with
+    # the switch the first block, whose input needs no gradient, gets a graph of its own
+    assert len(graphs["backward"]) == len(graphs["forward"]) == (1 if recompute else 2), graphs
+    assert set(graphs["forward"]) == {1} and set(graphs["backward"]) == {1 if recompute else 0}, graphs
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=0)
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---- bad combinations: one line each ---------------------------------------------------------------------
+def _one_line_error(call, message):
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        call()
+    assert "\n" not in str(error.value)
+
+
+def test_without_gradient_checkpointing_is_one_clear_error(tiny_llama_dir):
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    _one_line_error(lambda: SupervisedFinetune(llm, recompute_attention=False),
+                    "model.recompute_attention=False chooses what gradient checkpointing recomputes; "
+                    "set model.gradient_checkpointing=True")
+
+
+def test_attention_that_is_not_one_kernel_is_one_clear_error(tiny_llama_dir):
+    _one_line_error(lambda: _model(tiny_llama_dir, attn="eager", recompute_attention=False),
+                    "runs attn_implementation='eager'; load it with attn_implementation='sdpa'")
+
+
+def test_attention_dropout_is_one_clear_error(tiny_llama_dir):
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa", attention_dropout=0.1)
+    _one_line_error(lambda: SupervisedFinetune(llm, gradient_checkpointing=True, recompute_attention=False),
+                    "needs attention_dropout 0 (the model's config has 0.1)")
+
+
+def test_compiled_blocks_with_offload_is_one_clear_error(tiny_llama_dir):
+    """The offload hooks do not trace: compiled blocks would run the checkpoint eagerly, so tk refuses
+    (compile=True compiles only on CUDA, so the blocks are compiled by hand here, as it would)."""
+    model = _model(tiny_llama_dir)
+    for layer in model.llm.base_model.model.model.layers:
+        layer.compile(backend="aot_eager")
+    _one_line_error(lambda: apply_long_context(model.llm, True, None, recompute_attention=False),
+                    "model.recompute_attention=False with offload_activations=True cannot run in compiled blocks")
