@@ -354,33 +354,49 @@ def test_quanta_fused_chains_keep_no_more_for_backward_than_the_reference():
     assert fused < 6 * state                               # 5 of T's states + x in bf16 + the small gates
 
 
+@pytest.mark.parametrize("n", range(2, 12))
+def test_tree_encoding_equals_the_wire_by_wire_one(n):
+    """ψ_enc built by pairing neighbouring factors (odd counts leave tails) = the wire-by-wire outer products."""
+    from toolkit.model.adapters.quantum.readout import encode_tree
+    from toolkit.model.adapters.quantum.tq import encode
+    phi = torch.rand(7, n, generator=torch.Generator().manual_seed(n)) * 6 - 3
+    torch.testing.assert_close(encode_tree(torch.cos(phi / 2), torch.sin(phi / 2))[0], encode(phi), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind, n", [("tq", 2), ("tq", 3), ("tq", 5), ("tq", 8), ("vqc", 5), ("vqc", 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vqc_expval_readout_node_equals_autograd_and_keeps_less(dtype):
-    """The eager expectation readout (one node that recomputes its states in backward) = tq's autograd
-    readout, values and gradients (x, A, B, θ through U); it keeps x in its own dtype and no 2^n-wide state."""
-    from toolkit.model.adapters.quantum.tq import expval_update
-    from toolkit.model.adapters.quantum.vqc import _ExpvalReadout
-    torch.manual_seed(0)
-    delta = VQCDelta(24, 20, n_qubits=5, n_layers=2, readout="expval")
+def test_expval_readout_node_equals_autograd_and_keeps_less(kind, n, dtype):
+    """The expectation readout the adapters run (readout.py: one node, written-out backward, states recomputed)
+    = tq's autograd readout, values and gradients (x, A, B, θ through U), within 1e-5 of each tensor's largest
+    entry (a bf16 x's gradient: one bf16 rounding step); it keeps x in its own dtype and no 2^n-wide state."""
+    from toolkit.model.adapters.quantum.tq import expval_delta, expval_update
+    torch.manual_seed(n)
+    delta = (TQDelta(24, 20, n_qubits=n, n_layers=2) if kind == "tq"
+             else VQCDelta(24, 20, n_qubits=n, n_layers=2, readout="expval"))
     with torch.no_grad():
         delta.B.normal_()
     x = torch.randn(2, 64, 24).to(dtype).requires_grad_()
     weights = torch.randn(2, 64, 20)
+    real_of = (lambda: real_form(delta.unitary())) if kind == "tq" else delta.unitary
+    node = lambda x, real: expval_delta(x, delta.A.float(), real, delta.B.float(), delta.scale, n)  # noqa: E731
+    reference = lambda x, real: expval_update(x.float(), delta.A.float(), real,  # noqa: E731
+                                              delta.scale * delta.B.float(), sim.z_signs(n))
     results, kept = [], []
-    for readout in (_ExpvalReadout.apply, lambda x, *args: expval_update(x.float(), *args)):
-        args = (delta.A.float(), delta.unitary(), delta.scale * delta.B.float(), sim.z_signs(5))
-        inputs = {t.data_ptr() for t in (x, *args)}
+    for readout in (node, reference):
+        real = real_of()                               # U's build is the bank's, not the readout's
+        inputs = {t.data_ptr() for t in (x, real, *delta.parameters())}
         sizes = []                                     # what the readout keeps besides its inputs
         with torch.autograd.graph.saved_tensors_hooks(
                 lambda t: sizes.append(0 if t.data_ptr() in inputs else t.numel() * t.element_size()) or t,
                 lambda t: t):
-            out = readout(x, *args)
+            out = readout(x, real)
         kept.append(sum(sizes))
         (out * weights).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad for p in delta.parameters()])
         x.grad = None
         delta.zero_grad(set_to_none=True)
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert kept[0] <= 2 * 64 * 5 * 4 * 2, kept         # the angles h and ⟨Z⟩, [tokens, n] fp32 each
-    assert kept[1] > 2 * 64 * 2 * 32 * 4, kept         # autograd keeps the [tokens, 2·2^n] amplitudes
+    for got, want in zip(*results):                    # a bf16 x's gradient: also one bf16 rounding step apart
+        ulp = 2 ** -7 * want.float().abs() if want.dtype == torch.bfloat16 else 0
+        assert ((got.float() - want.float()).abs() <= 1e-5 * want.float().abs().max() + ulp).all()
+    assert kept[0] <= 4 * 128 * n * 4, kept           # tanh(A·x), cos, sin and s·⟨Z⟩: [tokens, n] fp32 each
+    assert kept[1] > 128 * 2 * 2 ** n * 4, kept       # autograd keeps the [tokens, 2·2^n] amplitudes

@@ -211,7 +211,7 @@ def test_shared_unitary_bank_gives_the_same_gradients_with_checkpointing_and_acc
         return out
 
     banked = grads(model)
-    assert bank.current is not None and bank.current.shape[0] == 4
+    assert bank.current is not None and len(bank.current) == 4       # one tensor per layer (unbind)
     bank.current = None
     with torch.no_grad():
         model.model(PROBE)                            # tk's loss runs the decoder without the LM head's forward
@@ -229,6 +229,30 @@ def test_shared_unitary_bank_gives_the_same_gradients_with_checkpointing_and_acc
         torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-5)
     plain = unload(model)
     assert not hasattr(plain, "_tk_banks") and not plain._forward_pre_hooks
+
+
+@pytest.mark.parametrize("name", ["vqc", "tq"])
+def test_bank_gradient_is_one_stack_not_a_padded_gradient_per_layer(tiny_llama_dir, name):
+    """Each layer gets its own tensor from the bank (unbind), so backward stacks the layers' gradients once;
+    indexing the stacked unitaries made a zero-padded full-bank gradient per layer, added up one by one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = adapted(tiny_llama_dir, name)
+    perturb(model)
+    made = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+            return out
+
+    loss = model(PROBE, labels=PROBE).loss
+    [bank] = model._tk_banks
+    full = (len(bank.current), *bank.current[0].shape)
+    with Shapes():
+        loss.backward()
+    assert ("stack", full) in made                             # the one gradient of the whole bank
+    assert not [op for op, shape in made if shape == full and op in ("select_backward", "zeros", "add", "add_")]
 
 
 @pytest.mark.parametrize("name", ["vqc", "tq", "quanta"])

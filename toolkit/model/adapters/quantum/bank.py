@@ -25,7 +25,10 @@ class UnitaryBank:
 
     def refresh(self, *_):
         with torch.autocast(device_type=self.deltas[0].theta.device.type, enabled=False):
-            self.current = self.build(torch.stack([d.theta.float() for d in self.deltas]))
+            # one tensor per layer via unbind: its backward stacks the layers' gradients once, where each
+            # layer indexing the stacked result would add a full-size zero-padded gradient per layer
+            # (64 x 512 MiB for vqc expval at n = 10 on a 7B model)
+            self.current = self.build(torch.stack([d.theta.float() for d in self.deltas])).unbind(0)
 
     def detach(self):
         for handle in self.handles:

@@ -13,7 +13,8 @@ from torch import nn
 
 from . import simulator as sim
 from .bank import bank_unitary
-from .fused import compiled_on_cuda
+from .fused import compile_readout, compiled_on_cuda
+from .readout import expval_readout_update
 
 
 def encode(phi):
@@ -44,7 +45,9 @@ def expval_readout(phi, u, real=None, signs=None):
 
 @compiled_on_cuda
 def expval_update(x, a, real, b, signs):
-    """Δy = B · ⟨Z⟩(U · ψ_enc(π·tanh(A·x))) for one layer (tq, and vqc with ``readout='expval'``)."""
+    """Δy = B · ⟨Z⟩(U · ψ_enc(π·tanh(A·x))) for one layer, written for autograd: the reference that
+    :class:`readout.ExpvalReadout` (what the adapters run) is tested against, and what ``TK_QUANTUM_COMPILE=1``
+    compiles on CUDA."""
     return expval_readout(torch.pi * torch.tanh(x @ a.T), None, real, signs) @ b.T
 
 
@@ -114,7 +117,19 @@ class TQDelta(nn.Module):
     def unitary(self):
         return tq_unitary(self.theta.float(), self.n_qubits)
 
-    def forward(self, x):
+    casts_input = True      # takes x in the base dtype: the readout node keeps it so and casts it itself
+
+    def forward(self, x, out_dtype=None):
         real = bank_unitary(self)
         real = real_form(self.unitary()) if real is None else real
-        return expval_update(x, self.A.float(), real, self.scale * self.B.float(), sim.z_signs(self.n_qubits, x.device))
+        return expval_delta(x, self.A.float(), real, self.B.float(), self.scale, self.n_qubits, out_dtype)
+
+
+def expval_delta(x, a, real, b, scale, n, out_dtype=None):
+    """The expectation readout of one layer (tq, and vqc with ``readout='expval'``): the eager node of
+    readout.py, or, with ``TK_QUANTUM_COMPILE=1`` on CUDA, :func:`expval_update` compiled."""
+    if compile_readout(x):
+        out = expval_update(x.float(), a, real, scale * b, sim.z_signs(n, x.device))
+    else:
+        out = expval_readout_update(x, a, real, b, scale)
+    return out.to(out_dtype or torch.float32)

@@ -9,7 +9,6 @@ in x, so not mergeable).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from torch import nn
 from . import simulator as sim
 from .bank import bank_unitary
 from .fused import circuit_matmul_precision
-from .tq import encode, expval_readout, expval_update
+from .tq import expval_delta
 
 
 def ring_pairs(n: int):
@@ -173,44 +172,6 @@ class _BasisColumns(torch.autograd.Function):
         return grad_m, grad_kb
 
 
-class _ExpvalReadout(torch.autograd.Function):
-    """The expectation readout of one layer, Δy = B · ⟨Z⟩(U · ψ_enc(π·tanh(A·x))), as one eager autograd node
-    that keeps x in its own dtype and the [tokens, n] angles, and recomputes the encoded states and the
-    [tokens, 2·2^n] amplitudes in backward (one more GEMM) instead of keeping them: autograd kept ~64 MiB a
-    layer at 2,048 tokens, this keeps ~16 MiB (bf16 x). The same numbers as :func:`tq.expval_update`. Used on
-    CPUs and with TK_QUANTUM_COMPILE=0; on CUDA by default the compiled readout runs instead.
-    """
-
-    @staticmethod
-    def forward(ctx, x, a, real, b, signs):
-        h = x.float() @ a.T                                                      # [..., n]
-        z = expval_readout(torch.pi * torch.tanh(h), None, real, signs)
-        ctx.save_for_backward(x, a, real, b, signs, h, z)
-        return z @ b.T
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, a, real, b, signs, h, z = ctx.saved_tensors
-        need_x, need_a, need_real, need_b = ctx.needs_input_grad[:4]
-        grad = grad.float()
-        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-        grad_z = grad @ b
-        grad_b = flat(grad).T @ flat(z) if need_b else None
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_()
-            enc = encode(torch.pi * torch.tanh(h_))                              # recomputed
-        psi = enc.detach() @ real.T                                              # recomputed [..., 2·2^n]
-        grad_prob = grad_z @ signs.T
-        grad_psi = 2 * psi * torch.cat([grad_prob, grad_prob], -1)               # |Re|² + |Im|²
-        grad_real = flat(grad_psi).T @ flat(enc.detach()) if need_real else None
-        grad_x = grad_a = None
-        if need_x or need_a:
-            grad_h, = torch.autograd.grad(enc, h_, grad_psi @ real)
-            grad_x = (grad_h @ a).to(x.dtype) if need_x else None
-            grad_a = flat(grad_h).T @ flat(x.float()) if need_a else None
-        return grad_x, grad_a, grad_real, grad_b, None
-
-
 class VQCDelta(nn.Module):
     """The update of one linear layer; ``delta_weight()`` is ΔW when the readout is linear."""
 
@@ -246,18 +207,14 @@ class VQCDelta(nn.Module):
         return (vqc_unitary(self.theta.float(), self.n_qubits) if self.readout == "amplitude"
                 else self.batched_unitary(self.theta.float()))
 
-    casts_input = True      # takes x in the base dtype (the eager expectation readout keeps it so for backward;
-                            # the compiled CUDA readout is given x.float() and Inductor decides what it keeps)
+    casts_input = True      # takes x in the base dtype (the expectation readout node keeps it so for backward;
+                            # the opt-in compiled CUDA readout is given x.float(), Inductor decides what it keeps)
 
     def forward(self, x, out_dtype=None):
         if self.readout == "expval":
-            args = (self.A.float(), self.unitary(), self.scale * self.B.float(), sim.z_signs(self.n_qubits, x.device))
-            if x.is_cuda and os.environ.get("TK_QUANTUM_COMPILE", "1") != "0":
-                out = expval_update(x.float(), *args)        # compiled: Inductor picks what to keep
-            else:
-                out = _ExpvalReadout.apply(x, *args)
-        else:
-            out = (x.float() @ (self.unitary().real @ self.A.float()).T) @ (self.scale * self.B.float()).T
+            return expval_delta(x, self.A.float(), self.unitary(), self.B.float(), self.scale, self.n_qubits,
+                                out_dtype)
+        out = (x.float() @ (self.unitary().real @ self.A.float()).T) @ (self.scale * self.B.float()).T
         return out.to(out_dtype or torch.float32)
 
     def delta_weight(self):
