@@ -100,7 +100,8 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               clip: float | None = 1.0,
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
               dtype: str | None = None, profile_rows: int = 0, compile: bool | dict = False,
-              offload_activations: bool = False, tiled_mlp: bool | int = False, upcast: bool = True) -> str:
+              offload_activations: bool = False, tiled_mlp: bool | int = False, upcast: bool = True,
+              save_attention: bool = False) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
     adapter = "None" if method == "full" else (
@@ -123,7 +124,8 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         steps=steps, warmup=warmup, optimizer_import=optimizer_import, profile_rows=profile_rows,
         compile=f"\n    compile={compile!r}," if compile else "",
         long_context=("\n    offload_activations=True," if offload_activations else "")
-        + (f"\n    tiled_mlp={tiled_mlp}," if tiled_mlp else "") + ("" if upcast else "\n    upcast_unquantized=False,"),
+        + (f"\n    tiled_mlp={tiled_mlp}," if tiled_mlp else "") + ("" if upcast else "\n    upcast_unquantized=False,")
+        + ("\n    recompute_attention=False," if save_attention else ""),
         peak=f", peak_tflops={peak_tflops}" if peak_tflops else "", log_interval=log_interval,
         checkpoint=("None" if not save_every else
                     f"dict(type='CheckpointHook', by_epoch=False, interval={save_every}, max_keep_ckpts=1)"))
@@ -272,7 +274,7 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
                              optimizer=args.tk_optimizer, profile_rows=args.profile,
                              compile=_compile_setting(args),
                              offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp or False,
-                             upcast=not args.no_upcast))
+                             upcast=not args.no_upcast, save_attention=args.save_attention))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
     if args.deepspeed:
         command += ["--deepspeed", args.deepspeed]
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
                         help="tk runs each MLP over tiles of the sequence (default tile 8192 tokens)")
     parser.add_argument("--no-upcast", action="store_true", help="tk's QLoRA keeps embeddings, norms and LM head "
                         "bf16 (a bf16 residual stream) instead of peft's fp32: half the checkpointed activations")
+    parser.add_argument("--save-attention", action="store_true", help="tk's checkpointing keeps the attention "
+                        "kernel's outputs instead of recomputing attention in backward (recompute_attention=False)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",

@@ -166,3 +166,34 @@ def test_7b_qlora_trains_at_long_context():
            seconds=round(seconds, 1), tokens_per_s=round(seq / seconds, 1))
     assert math.isfinite(stats["loss"]) and all(torch.isfinite(g).all() for g in grads.values())
     assert moved == len(params)
+
+
+@pytest.mark.parametrize("quantized,compile", [(False, False), (True, False), (True, True)],
+                         ids=["lora_bf16", "qlora_nf4", "qlora_nf4_compiled"])
+def test_saved_attention_is_faster_and_trains_the_same(tmp_path, monkeypatch, quantized, compile):
+    """recompute_attention=False (tk's selective checkpoint): backward no longer recomputes attention, which
+    dominates a step at 64k ($TK_SAC_SEQ, 16k-64k), so the step is faster; what stays between forward and
+    backward grows by about one [tokens, hidden] bf16 attention output per layer (proof that the kernel's
+    output was saved: sdpa ran as one of the saved kernels); loss and gradients stay those of full
+    checkpointing. Eager with LoRA dropout 0.1 (the recompute must draw the forward's masks); compiled with
+    dropout 0 (AOTAutograd, not checkpoint, handles a compiled block's random draws). Gradients within 1% of
+    their norm (the same kernels run; flash attention's backward may accumulate in another order)."""
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    folder = make_llama(tmp_path / "llama", torch.bfloat16, **SHAPE)
+    seq = int(os.environ.get("TK_SAC_SEQ", SEQ))
+    monkeypatch.setitem(globals(), "SEQ", seq)  # what _run trains at
+    dropout = 0.0 if compile else 0.1
+    plain = _run(folder, quantized, dropout=dropout, compile=compile)
+    saved = _run(folder, quantized, dropout=dropout, compile=compile, recompute_attention=False)
+    name = ("qlora" if quantized else "lora") + ("_compiled" if compile else "")
+    report(f"long_context/save_attention/{name}", seq=seq, dropout=dropout,
+           speedup=round(plain[0]["seconds"] / saved[0]["seconds"], 3),
+           **{k: {m: round(v, 4) for m, v in row[0].items()} for k, row in dict(plain=plain, saved=saved).items()})
+    assert abs(saved[0]["loss"] - plain[0]["loss"]) <= 1e-3 * abs(plain[0]["loss"]), (saved[0], plain[0])
+    worst = max((saved[1][n] - plain[1][n]).norm().item() / plain[1][n].norm().item() for n in plain[1])
+    assert worst < 0.01, worst
+    outputs = SHAPE["num_hidden_layers"] * seq * SHAPE["hidden_size"] * 2 / 2**30
+    extra = saved[0]["between_gib"] - plain[0]["between_gib"]
+    assert 0.9 * outputs <= extra <= 4 * outputs, (extra, outputs)
+    assert saved[0]["seconds"] < plain[0]["seconds"], (saved[0], plain[0])

@@ -139,8 +139,9 @@ def _attention_forwards(graph) -> int:
                for node in graph.nodes if node.op == "call_function")
 
 
-@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
-def test_compiled_block_applies_the_policy_in_its_graph(tiny_llama_dir, recompute):
+@pytest.mark.parametrize("recompute,tiles", [(True, None), (False, None), (False, 16)],
+                         ids=["recompute", "save", "save+tiled_mlp"])
+def test_compiled_block_applies_the_policy_in_its_graph(tiny_llama_dir, recompute, tiles):
     """Blocks compiled first (as SupervisedFinetune orders it): the selective checkpoint traces into each
     block's graph without a break, AOTAutograd's backward graph then has no attention forward (the control,
     full checkpointing, has one), and the eager numbers come out (aot_eager: no Inductor, runs on a CPU)."""
@@ -166,7 +167,7 @@ def test_compiled_block_applies_the_policy_in_its_graph(tiny_llama_dir, recomput
     for layer in layers:
         layer.compile(backend=backend)
     if not recompute:
-        apply_long_context(model.llm, False, None, recompute_attention=False)
+        apply_long_context(model.llm, False, tiles, recompute_attention=False)
     ours = _step(model, count=False)
     assert not counters["graph_break"], dict(counters["graph_break"])
     # forward runs each block's attention once (full checkpointing saves the RNG state to replay it); with

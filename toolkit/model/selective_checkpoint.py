@@ -17,7 +17,7 @@ tk takes over the checkpoint of each layer (HF's own is switched off) and puts i
 its graph, where AOTAutograd's partitioner applies the same policy (torchtitan's order too: checkpoint,
 then compile). With ``offload_activations`` one checkpoint does both (the layer input goes to host memory,
 :func:`.offload.offloaded_checkpoint`); its hooks do not trace, so that combination is refused with
-``compile`` on CUDA (see :func:`.long_context.check_options`).
+compiled blocks (:func:`checkpoint_saving_attention`).
 """
 from __future__ import annotations
 
