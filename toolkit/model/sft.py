@@ -12,7 +12,6 @@ from .adapters import apply_adapter
 from .adapters.apply import is_registered_adapter
 from .blocks import transformer_blocks
 from .long_context import apply_long_context, check_options, restore_dtypes
-from .lora_cast import LoraCast, autocast_dtype
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from .nf4 import use_torch_4bit
 
@@ -115,8 +114,6 @@ class SupervisedFinetune(BaseModel):
         elif _wants_compile(compile):
             print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused "
                       "kernels)", logger="current")
-        # compiled blocks cannot reuse autocast's cast of LoRA's fp32 matrices: cast them once per step instead
-        self.lora_cast = LoraCast(self.llm) if _wants_compile(compile) and torch.cuda.is_available() else None
         self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens,
                                                               recompute_attention)
         for line in lines:
@@ -125,20 +122,10 @@ class SupervisedFinetune(BaseModel):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, mode: str = "loss"):
         if mode != "loss":
             raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
-        self._cast_lora_for_this_step(input_ids.device.type)
         loss = causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids,
                               chunk_tokens=self.loss_chunk_tokens)
         self._check_offload_once()
         return {"loss": loss}
-
-    def _cast_lora_for_this_step(self, device_type: str) -> None:
-        if self.lora_cast is None:
-            return
-        dtype = autocast_dtype(device_type)
-        if self.training and torch.is_grad_enabled() and dtype is not None:
-            self.lora_cast.refresh(dtype)
-        else:
-            self.lora_cast.clear()
 
     def _check_offload_once(self) -> None:
         """After the first training forward: say so if offload_activations moved nothing (a model whose
@@ -172,6 +159,4 @@ class SupervisedFinetune(BaseModel):
 
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
-        if self.lora_cast is not None:
-            self.lora_cast.clear()
         return self.llm.generate(input_ids=input_ids, **kwargs)
