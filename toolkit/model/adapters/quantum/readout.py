@@ -8,9 +8,9 @@ Why a node: on a GPU the readout's cost is the host launching its small ops, onc
 step (64 layers in a 7B model on q_proj,v_proj). Autograd dispatched ~95 ops a layer for tq (forward +
 backward); this node ~50: ψ_enc is built by pairing neighbouring factors level by level (⌈log2 n⌉ products
 instead of n - 1), s and the doubled sign table are folded into one cached constant, and the backward is
-written out (no autograd graph inside, no ``prod``, no host sync). It keeps x in its own dtype and [tokens, n]
-tensors only, and recomputes ψ_enc and U ψ_enc in backward (one more GEMM), so the 2^n-wide states are
-never kept: ~16 MiB a layer at 2,048 tokens, d 4,096, bf16 x.
+written out (no autograd graph inside, no ``prod``, no host sync). It keeps x in its own dtype, [tokens, n]
+tensors and the encoding's small factors, and redoes the encoding's last product and U ψ_enc in backward
+(one more GEMM), so no 2^n-wide state is kept (at n = 10: 20 + 20 + 32 + 256 floats a token besides x).
 """
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ import torch
 from . import simulator as sim
 
 
+@functools.lru_cache(maxsize=16)
+def _offsets(device: torch.device):
+    """(0, -π/2): cos(φ/2 + offsets) = (cos φ/2, sin φ/2)."""
+    with torch.inference_mode(False):
+        return torch.tensor([0.0, -math.pi / 2], device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _readout_signs(n: int, scale: float, device: torch.device):
     """scale·[S; S] [2·2^n, n]: ⟨Z⟩ of amplitudes given as [Re; Im], with the update's scale folded in."""
@@ -30,46 +37,73 @@ def _readout_signs(n: int, scale: float, device: torch.device):
         return torch.cat([signs, signs]) * scale
 
 
-def encode_tree(c, s):
-    """ψ_enc [T, 2^n] = ⊗_k (c_k, s_k) from c, s [T, n], wire 0 the most significant.
+def encode_tree(units):
+    """ψ_enc [T, 2^n] = ⊗_k units[:, k] from the wires' factors units [T, n, 2] (cos, sin of φ_k/2), wire 0 the
+    most significant.
 
     Neighbouring factors are paired level by level (one broadcast product a level); a level with an odd
     count leaves its last factor aside (a tail), multiplied in at the end, latest tail first. Returns ψ_enc
-    and what :func:`encode_tree_backward` needs.
+    and the factors its backward needs: each level's input and, per tail, what it multiplied (the "head").
+    The levels are small (the largest [T, 2^(n/2+1)]), a head at most half of ψ_enc (odd n); the last
+    product, ψ_enc itself, is not among them.
     """
-    units = torch.stack([c, s], -1)                                  # [T, n, 2]
-    levels, tails, heads = [], [], []
+    levels, heads = [], []
     while units.shape[1] > 1:
-        pairs, odd = divmod(units.shape[1], 2)
-        if odd:
-            tails.append(units[:, -1])
+        levels.append(units)
+        pairs = units.shape[1] // 2
         left, right = units[:, 0:2 * pairs:2], units[:, 1:2 * pairs:2]
-        levels.append((left, right, odd))
-        units = (left.unsqueeze(-1) * right.unsqueeze(-2)).flatten(-2)
+        units = _outer(left, right)
     psi = units[:, 0]
-    for tail in reversed(tails):
+    for tail in reversed(_tails(levels)):
         heads.append(psi)
-        psi = (psi.unsqueeze(-1) * tail.unsqueeze(-2)).flatten(-2)
-    return psi, (levels, tails, heads)
+        psi = _outer(psi, tail)
+    return psi, levels + heads
 
 
-def encode_tree_backward(grad, saved):
-    """grad [T, 2^n] of ψ_enc -> the gradients of c and s, [T, n] each."""
-    levels, tails, heads = saved
+def _outer(left, right):
+    return (left.unsqueeze(-1) * right.unsqueeze(-2)).flatten(-2)
+
+
+def _tails(levels):
+    return [units[:, -1] for units in levels if units.shape[1] % 2]
+
+
+def _levels(n: int) -> int:
+    """How many pairing levels n factors take (n -> n // 2 until one is left)."""
+    return n.bit_length() - 1
+
+
+def encode_last(factors):
+    """ψ_enc again from :func:`encode_tree`'s factors: its last product only."""
+    count = _levels(factors[0].shape[1])
+    levels, heads = factors[:count], factors[count:]
+    if heads:
+        return _outer(heads[-1], _tails(levels)[0])
+    last = levels[-1]
+    return _outer(last[:, 0], last[:, 1])
+
+
+def encode_tree_backward(grad, factors):
+    """grad [T, 2^n] of ψ_enc -> the gradient of the factors, [T, n, 2]."""
+    count = _levels(factors[0].shape[1])
+    levels, heads = factors[:count], factors[count:]
+    tails = _tails(levels)
     tokens, grad_tails = grad.shape[0], []
     for tail, head in zip(tails, reversed(heads)):                  # the last product first
         g = grad.view(tokens, head.shape[-1], tail.shape[-1])
         grad_tails.append(torch.matmul(head.unsqueeze(-2), g).squeeze(-2))
         grad = torch.matmul(g, tail.unsqueeze(-1)).squeeze(-1)
     grad = grad.unsqueeze(1)
-    for left, right, odd in reversed(levels):
-        g = grad.reshape(tokens, left.shape[1], left.shape[2], right.shape[2])
+    for units in reversed(levels):
+        pairs, odd = divmod(units.shape[1], 2)
+        left, right = units[:, 0:2 * pairs:2], units[:, 1:2 * pairs:2]
+        g = grad.reshape(tokens, pairs, left.shape[2], right.shape[2])
         grad_left = torch.matmul(g, right.unsqueeze(-1)).squeeze(-1)
         grad_right = torch.matmul(left.unsqueeze(-2), g).squeeze(-2)
         grad = torch.stack([grad_left, grad_right], 2).flatten(1, 2)
         if odd:
             grad = torch.cat([grad, grad_tails.pop().unsqueeze(1)], 1)
-    return grad[..., 0], grad[..., 1]
+    return grad
 
 
 class ExpvalReadout(torch.autograd.Function):
@@ -81,32 +115,34 @@ class ExpvalReadout(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             n = a.shape[0]
             t = torch.tanh(x.float() @ a.T)
-            half = t * (math.pi / 2)                                  # φ/2
-            c, s = torch.cos(half), torch.sin(half)
-            psi, _ = encode_tree(c, s)
+            # (cos φ/2, sin φ/2) as cos(φ/2 - (0, π/2)): two ops for what cos, sin and a stack took three more
+            units = torch.cos(torch.add(_offsets(x.device), t.unsqueeze(-1), alpha=math.pi / 2))   # [T, n, 2]
+            psi, factors = encode_tree(units)
             amp = psi @ real.T                                        # [T, 2·2^n]: Re, Im of U ψ_enc
             z = amp.square() @ _readout_signs(n, float(scale), x.device)  # s·⟨Z⟩
-            ctx.save_for_backward(x, a, real, b, t, c, s, z)
+            ctx.save_for_backward(x, a, real, b, t, z, *factors)      # not ψ_enc: its last product, redone
+
             ctx.scale = float(scale)
             return z @ b.T
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, real, b, t, c, s, z = ctx.saved_tensors
+        x, a, real, b, t, z, *factors = ctx.saved_tensors
         need_x, need_a, need_real, need_b = ctx.needs_input_grad[:4]
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.float()
             grad_b = grad.T @ z if need_b else None
             grad_z = grad @ b                                         # [T, n]
-            psi, saved = encode_tree(c, s)                            # recomputed, not kept
+            psi = encode_last(factors)                                # recomputed: one product
             amp = psi @ real.T                                        # recomputed
             signs = _readout_signs(a.shape[0], 2 * ctx.scale, x.device)
             grad_amp = amp * (grad_z @ signs.T)                       # d(amp²)/d amp = 2·amp
             grad_real = grad_amp.T @ psi if need_real else None
             grad_x = grad_a = None
             if need_x or need_a:
-                grad_c, grad_s = encode_tree_backward(grad_amp @ real, saved)
-                grad_half = torch.addcmul(grad_s * c, grad_c, s, value=-1)   # d(c, s)/d(φ/2) = (-s, c)
+                grad_units = encode_tree_backward(grad_amp @ real, factors)
+                c, s = factors[0].unbind(-1)
+                grad_half = torch.addcmul(grad_units[..., 1] * c, grad_units[..., 0], s, value=-1)  # d(c, s) = (-s, c)
                 grad_h = torch.ops.aten.tanh_backward(grad_half, t).mul_(math.pi / 2)
                 grad_x = (grad_h @ a).to(x.dtype) if need_x else None
                 grad_a = grad_h.T @ x.float() if need_a else None

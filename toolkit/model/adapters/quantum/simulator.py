@@ -84,9 +84,9 @@ def _bits(n: int, device: torch.device):
 
 def kron_all(mats):
     """mats [..., n, 2, 2] -> [..., 2^n, 2^n]: kron(m_0, ..., m_{n-1}), wire 0 the most significant."""
-    out = mats[..., 0, :, :]
-    for k in range(1, mats.shape[-3]):
-        m = mats[..., k, :, :]
+    factors = mats.unbind(-3)              # one node whose backward stacks, not a zero-padded gradient a wire
+    out = factors[0]
+    for m in factors[1:]:
         out = torch.einsum("...ij,...kl->...ikjl", out, m)
         out = out.reshape(*out.shape[:-4], out.shape[-4] * 2, out.shape[-2] * 2)
     return out
