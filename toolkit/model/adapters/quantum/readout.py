@@ -8,9 +8,12 @@ Why a node: on a GPU the readout's cost is the host launching its small ops, onc
 step (64 layers in a 7B model on q_proj,v_proj). Autograd dispatched ~95 ops a layer for tq (forward +
 backward); this node ~50: ψ_enc is built by pairing neighbouring factors level by level (⌈log2 n⌉ products
 instead of n - 1), s and the doubled sign table are folded into one cached constant, and the backward is
-written out (no autograd graph inside, no ``prod``, no host sync). It keeps x in its own dtype, [tokens, n]
-tensors and the encoding's small factors, and redoes the encoding's last product and U ψ_enc in backward
-(one more GEMM), so no 2^n-wide state is kept (at n = 10: 20 + 20 + 32 + 256 floats a token besides x).
+written out (no autograd graph inside, no ``prod``, no host sync). For backward it keeps x in its own dtype
+(the base layer keeps it anyway), ψ_enc, U ψ_enc, the encoding's small factors and [tokens, n] tensors:
+at n = 10 about 3.4k floats a token (13.5 KiB, 27 MiB a layer at 2,048 tokens), where the compiled
+readout also kept x's fp32 copy (16 KiB a token at d 4,096). Recomputing U ψ_enc instead would save
+8 KiB a token and cost a [T, 2^n] x [2^n, 2^(n+1)] GEMM a layer, which made the GPU-bound vqc expval
+step slower.
 """
 from __future__ import annotations
 
@@ -44,8 +47,7 @@ def encode_tree(units):
     Neighbouring factors are paired level by level (one broadcast product a level); a level with an odd
     count leaves its last factor aside (a tail), multiplied in at the end, latest tail first. Returns ψ_enc
     and the factors its backward needs: each level's input and, per tail, what it multiplied (the "head").
-    The levels are small (the largest [T, 2^(n/2+1)]), a head at most half of ψ_enc (odd n); the last
-    product, ψ_enc itself, is not among them.
+    The levels are small (the largest [T, 2^(n/2+1)]), a head at most half of ψ_enc (odd n).
     """
     levels, heads = [], []
     while units.shape[1] > 1:
@@ -71,16 +73,6 @@ def _tails(levels):
 def _levels(n: int) -> int:
     """How many pairing levels n factors take (n -> n // 2 until one is left)."""
     return n.bit_length() - 1
-
-
-def encode_last(factors):
-    """ψ_enc again from :func:`encode_tree`'s factors: its last product only."""
-    count = _levels(factors[0].shape[1])
-    levels, heads = factors[:count], factors[count:]
-    if heads:
-        return _outer(heads[-1], _tails(levels)[0])
-    last = levels[-1]
-    return _outer(last[:, 0], last[:, 1])
 
 
 def encode_tree_backward(grad, factors):
@@ -120,21 +112,18 @@ class ExpvalReadout(torch.autograd.Function):
             psi, factors = encode_tree(units)
             amp = psi @ real.T                                        # [T, 2·2^n]: Re, Im of U ψ_enc
             z = amp.square() @ _readout_signs(n, float(scale), x.device)  # s·⟨Z⟩
-            ctx.save_for_backward(x, a, real, b, t, z, *factors)      # not ψ_enc: its last product, redone
-
+            ctx.save_for_backward(x, a, real, b, t, z, psi, amp, *factors)
             ctx.scale = float(scale)
             return z @ b.T
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, real, b, t, z, *factors = ctx.saved_tensors
+        x, a, real, b, t, z, psi, amp, *factors = ctx.saved_tensors
         need_x, need_a, need_real, need_b = ctx.needs_input_grad[:4]
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.float()
             grad_b = grad.T @ z if need_b else None
             grad_z = grad @ b                                         # [T, n]
-            psi = encode_last(factors)                                # recomputed: one product
-            amp = psi @ real.T                                        # recomputed
             signs = _readout_signs(a.shape[0], 2 * ctx.scale, x.device)
             grad_amp = amp * (grad_z @ signs.T)                       # d(amp²)/d amp = 2·amp
             grad_real = grad_amp.T @ psi if need_real else None
