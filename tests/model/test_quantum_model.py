@@ -272,6 +272,39 @@ def test_bf16_stored_adapter_weights_still_compute_in_fp32(tiny_llama_dir, name)
     assert (out - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+def test_quanta_bank_builds_the_gate_matrices_once_a_step_and_never_stale(tiny_llama_dir, monkeypatch):
+    """On the fused path the gates' oriented (T, S) matrices are stacked once a forward for all layers, not
+    a stack a gate a layer; after an in-place change of T (an optimizer step) a layer ignores the old ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from toolkit.model.adapters.quantum.bank import bank_unitary
+    monkeypatch.setenv("TK_QUANTA_FUSED", "1")
+    model = adapted(tiny_llama_dir, "quanta")
+    perturb(model)
+    layers = list(adapted_layers(model).values())
+    stacks = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            stacks.append(func.overloadpacket.__name__ == "stack")
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(PROBE)
+    gates = len(layers[0].delta.T)
+    assert sum(stacks) == gates and len(layers) > 1
+    x = torch.randn(5, layers[0].in_features)
+    delta = layers[0].delta
+    assert bank_unitary(delta) is not None
+    banked = delta(x)
+    with torch.no_grad():
+        delta.T[0].mul_(1.5)
+    assert bank_unitary(delta) is None
+    changed = delta(x)
+    monkeypatch.setenv("TK_QUANTA_FUSED", "0")
+    torch.testing.assert_close(changed, delta(x), atol=1e-5, rtol=1e-4)
+    assert (changed - banked).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quanta_fused_path_in_a_model_equals_the_reference(tiny_llama_dir, monkeypatch, dtype):
     """The CUDA path of quanta (TK_QUANTA_FUSED=1 forces it on a CPU) inside a model, GQA v_proj cropped: an

@@ -6,7 +6,12 @@ on the module that runs all adapted layers (the decoder) instead stacks every la
 unitaries at once; each layer takes its slice. The result is computed outside any layer (so gradient
 checkpointing recomputes a layer without rebuilding it) and afresh on every forward of that module (so
 the graph is never reused after backward).
-A layer called outside a model forward sees the last model forward's unitaries; merging builds its own.
+A layer called outside a model forward sees the last model forward's unitaries, unless its parameters
+changed since (an optimizer step, a load): then it builds its own. Merging always builds its own.
+
+A delta joins a bank through ``bank_key`` (equal keys share one build), ``bank_params()`` (the tensors the
+build reads) and ``build_bank(deltas)`` (one entry per delta); circuits with angles θ use :class:`ThetaBank`'s.
+quanta banks its gates' oriented matrices the same way (quanta.py).
 """
 from __future__ import annotations
 
@@ -15,20 +20,35 @@ import weakref
 import torch
 
 
+class ThetaBank:
+    """Mixin for circuits with angles ``self.theta``: all θ stacked, one ``batched_unitary`` call."""
+
+    def bank_params(self):
+        return (self.theta,)
+
+    def build_bank(self, deltas):
+        # one tensor per layer via unbind: its backward stacks the layers' gradients once, where each layer
+        # indexing the stacked result would add a full-size zero-padded gradient per layer (64 x 512 MiB for
+        # vqc expval at n = 10 on a 7B model)
+        return self.batched_unitary(torch.stack([d.theta.float() for d in deltas])).unbind(0)
+
+
+def _versions(delta):
+    return tuple(p._version for p in delta.bank_params())
+
+
 class UnitaryBank:
-    def __init__(self, deltas, build):
-        self.deltas, self.build = list(deltas), build
-        self.current = None
+    def __init__(self, deltas):
+        self.deltas = list(deltas)
+        self.current = self.versions = None
         self.handles = []
         for index, delta in enumerate(self.deltas):
             delta._bank = (weakref.ref(self), index)
 
     def refresh(self, *_):
-        with torch.autocast(device_type=self.deltas[0].theta.device.type, enabled=False):
-            # one tensor per layer via unbind: its backward stacks the layers' gradients once, where each
-            # layer indexing the stacked result would add a full-size zero-padded gradient per layer
-            # (64 x 512 MiB for vqc expval at n = 10 on a 7B model)
-            self.current = self.build(torch.stack([d.theta.float() for d in self.deltas])).unbind(0)
+        with torch.autocast(device_type=self.deltas[0].bank_params()[0].device.type, enabled=False):
+            self.current = self.deltas[0].build_bank(self.deltas)
+        self.versions = [_versions(d) for d in self.deltas]
 
     def detach(self):
         for handle in self.handles:
@@ -37,10 +57,13 @@ class UnitaryBank:
 
 
 def bank_unitary(delta):
-    """This layer's unitary from its bank when a model forward has built one, else None."""
+    """This layer's entry from its bank when a model forward has built one from its current parameters,
+    else None."""
     ref = getattr(delta, "_bank", None)
     bank = ref[0]() if ref else None
-    return bank.current[ref[1]] if bank is not None and bank.current is not None else None
+    if bank is None or bank.current is None or bank.versions[ref[1]] != _versions(delta):
+        return None
+    return bank.current[ref[1]]
 
 
 def attach_banks(model, layers: dict) -> list:
@@ -52,7 +75,7 @@ def attach_banks(model, layers: dict) -> list:
         key = getattr(delta, "bank_key", None)
         if key is not None:
             groups.setdefault(key, []).append(delta)
-    banks = [UnitaryBank(group, group[0].batched_unitary) for group in groups.values()]
+    banks = [UnitaryBank(group) for group in groups.values()]
     owner = _hook_owner(model, names)
     for bank in banks:
         bank.handles.append(owner.register_forward_pre_hook(bank.refresh))

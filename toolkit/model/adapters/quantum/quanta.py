@@ -18,6 +18,7 @@ import string
 import torch
 from torch import nn
 
+from .bank import bank_unitary
 from .fused import circuit_matmul_precision
 
 
@@ -101,7 +102,7 @@ def reference_update(x, t_gates, s_gates, dims, pad: int, out_features: int):
     return _canonical(state_t - state_s, order, x.shape[:-1])[..., :out_features]
 
 
-def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dtype=None, fused=None):
+def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dtype=None, fused=None, mats=None):
     """Δy = M(T)x - M(S)x, cropped to ``out_features``, in ``out_dtype`` (default: fp32).
 
     x may be in any float dtype; the math runs in fp32. On CUDA (``fused=None``) both circuits run as one
@@ -109,18 +110,24 @@ def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dt
     layer and a 7B step was bound by the CPU launching them. On a CPU that node is no faster than
     :func:`reference_update` (equal alone, 20% slower in a bf16 model step), so CPUs keep the reference. Both
     are eager: torch.compile spent minutes on the permute chain (H100, torch 2.11). ``TK_QUANTA_FUSED=1`` or
-    ``=0`` picks one path on every device (to compare them).
+    ``=0`` picks one path on every device (to compare them). ``mats``: the fused node's oriented gate matrices
+    when a bank built them for this step (:meth:`QuantaDelta.build_bank`), else built here.
     """
     if fused is None:
-        fused = {"1": True, "0": False}.get(os.environ.get("TK_QUANTA_FUSED", ""), x.is_cuda)
+        fused = fused_default(x.is_cuda)
     if not fused:
         out = reference_update(x.float(), [t.float() for t in t_gates], [s.float() for s in s_gates], dims, pad,
                                out_features)
         return out.to(out_dtype or torch.float32)
     lead = x.shape[:-1]
     out = _QuantaChains.apply(x.reshape(-1, x.shape[-1]), tuple(dims), pad, out_features,
-                              out_dtype or torch.float32, len(t_gates), *t_gates, *s_gates)
+                              out_dtype or torch.float32, mats, len(t_gates), *t_gates, *s_gates)
     return out.reshape(*lead, out_features)
+
+
+def fused_default(is_cuda: bool) -> bool:
+    """The fused node on CUDA, the per-gate path elsewhere; ``TK_QUANTA_FUSED=1`` / ``=0`` force one."""
+    return {"1": True, "0": False}.get(os.environ.get("TK_QUANTA_FUSED", ""), is_cuda)
 
 
 TOKENS = -1   # the token axis in a layout
@@ -202,6 +209,19 @@ def _plan(n: int):
     raise AssertionError("no plan")  # pragma: no cover
 
 
+@functools.lru_cache(maxsize=16)
+def _flipped(n: int):
+    """Per gate: whether the fused node uses it with its pair in the (a, b) order, i.e. T_ab permuted."""
+    pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
+    out = [False] * len(pairs)
+    for step in plan(n):
+        if step[0] == "gate":
+            _, g, layout_in, _, side_in, _ = step
+            pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
+            out[g] = pair[0] != pairs[g][1]
+    return tuple(out)
+
+
 def _greedy_plan(pairs, layout):
     steps = []
     for g, (a, b) in enumerate(pairs):
@@ -244,9 +264,9 @@ class _QuantaChains(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates):
+    def forward(ctx, x, dims, pad, out_features, out_dtype, mats, n_gates, *gates):
         with circuit_matmul_precision(), torch.autocast(x.device.type, enabled=False):   # fp32 even if called under autocast
-            return _QuantaChains._forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates)
+            return _QuantaChains._forward(ctx, x, dims, pad, out_features, out_dtype, mats, n_gates, *gates)
 
     @staticmethod
     def backward(ctx, grad):
@@ -254,7 +274,7 @@ class _QuantaChains(torch.autograd.Function):
             return _QuantaChains._backward(ctx, grad)
 
     @staticmethod
-    def _forward(ctx, x, dims, pad, out_features, out_dtype, n_gates, *gates):
+    def _forward(ctx, x, dims, pad, out_features, out_dtype, banked, n_gates, *gates):
         t_gates, s_gates = gates[:n_gates], gates[n_gates:]
         n, tokens, steps = len(dims), x.shape[0], plan(len(dims))
         pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
@@ -269,7 +289,7 @@ class _QuantaChains(torch.autograd.Function):
             _, g, layout_in, layout_out, side_in, side_out = step
             pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
             size = dims[pair[0]] * dims[pair[1]]
-            mats = _stacked(t_gates[g], s_gates[g], pair, pairs[g][1])
+            mats = banked[g] if banked is not None else _stacked(t_gates[g], s_gates[g], pair, pairs[g][1])
             stacked.append(mats)
             # T's gate inputs only (its gradients need them); the first is x itself, kept in its own dtype
             saved.append(x if not saved else states[0])
@@ -316,7 +336,7 @@ class _QuantaChains(torch.autograd.Function):
             g_out = _pair_first(_as_side(g_state, side_out, size), side_out)         # [chains, size, R]
             inp = saved[index] if index else _padded_fp32(saved[0], pad, dims)     # x: cast again, not kept in fp32
             inp = _as_side(inp, side_in, size)[0]
-            if ctx.needs_input_grad[6 + g]:
+            if ctx.needs_input_grad[7 + g]:
                 grad_t = g_out[0] @ _pair_first(inp[None], side_in)[0].mT            # [size_out, size_in]
                 t_grads[g] = _unoriented(grad_t, pair, pairs[g][1], dims)
             layout = layout_in
@@ -334,7 +354,7 @@ class _QuantaChains(torch.autograd.Function):
             grad_x = torch.empty(tokens, *dims, dtype=x_dtype, device=grad.device)
             torch.sub(canonical[0], canonical[1], out=grad_x)
             grad_x = grad_x.reshape(tokens, -1)[:, :d_in]
-        return (grad_x, None, None, None, None, None, *t_grads, *([None] * n_gates))
+        return (grad_x, None, None, None, None, None, None, *t_grads, *([None] * n_gates))
 
 
 def _padded_fp32(x, pad, dims):
@@ -388,11 +408,35 @@ class QuantaDelta(nn.Module):
     def S(self):
         return [getattr(self, f"S{i}") for i in range(len(self.T))]
 
+    @property
+    def bank_key(self):
+        """Layers with equal axes share one per-step build of the fused node's gate matrices (bank.py)."""
+        return ("quanta", tuple(self.dims))
+
+    def bank_params(self):
+        return tuple(self.T)
+
+    def build_bank(self, deltas):
+        """Per layer, the fused node's [2, size, size] (T, S) matrix of each gate, oriented as its plan uses it:
+        built for all layers at once a step (one stack, and one copy where the orientation permutes, a gate),
+        which took a stack a gate a layer. No graph: the node computes T's gradients itself. ``None`` per
+        layer where the per-gate path runs (CPUs by default)."""
+        if not fused_default(self.T[0].is_cuda):
+            return [None] * len(deltas)
+        gates = []
+        with torch.no_grad():
+            for g, flip in enumerate(_flipped(len(self.dims))):
+                both = torch.stack([m.float() for d in deltas for m in (d.T[g], getattr(d, f"S{g}"))])
+                both = both.permute(0, 2, 1, 4, 3) if flip else both
+                size = both.shape[1] * both.shape[2]
+                gates.append(both.reshape(len(deltas), 2, size, size).unbind(0))
+        return list(zip(*gates))
+
     casts_input = True      # takes x in the base dtype: the fp32 cast is fused into the first copy
 
     def forward(self, x, out_dtype=None):
         return quanta_update(x, list(self.T), self.S, self.dims, math.prod(self.dims) - x.shape[-1],
-                             self.out_features, out_dtype)
+                             self.out_features, out_dtype, mats=bank_unitary(self))
 
     def delta_weight(self):
         delta = dense([t.float() for t in self.T], self.dims) - dense([s.float() for s in self.S], self.dims)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import simulator as sim
-from .bank import bank_unitary
+from .bank import ThetaBank, bank_unitary
 from .fused import compile_readout, compiled_on_cuda
 from .readout import expval_readout_update
 
@@ -115,7 +115,7 @@ def measure(state_fn, phi, n: int):
     return torch.stack(out) @ sim.z_signs(n)
 
 
-class TQDelta(nn.Module):
+class TQDelta(ThetaBank, nn.Module):
     def __init__(self, in_features: int, out_features: int, n_qubits: int = 8, n_layers: int = 2,
                  alpha: float | None = None):
         super().__init__()

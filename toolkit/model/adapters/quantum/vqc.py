@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import simulator as sim
-from .bank import bank_unitary
+from .bank import ThetaBank, bank_unitary
 from .fused import circuit_matmul_precision
 from .tq import expval_delta
 
@@ -172,7 +172,7 @@ class _BasisColumns(torch.autograd.Function):
         return grad_m, grad_kb
 
 
-class VQCDelta(nn.Module):
+class VQCDelta(ThetaBank, nn.Module):
     """The update of one linear layer; ``delta_weight()`` is ΔW when the readout is linear."""
 
     def __init__(self, in_features: int, out_features: int, n_qubits: int = 3, n_layers: int = 4,
