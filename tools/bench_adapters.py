@@ -1,8 +1,10 @@
 """Step time of each adapter type against LoRA on a llama-shape model with random weights.
 
 One training step = forward + backward + AdamW step on the adapter weights, batch x seq random tokens.
-"host issues it in" is how long the CPU took to launch the step (before the final synchronize): near the step
-time, the step is bound by the host launching kernels, not by the GPU.
+"host issues it in" is how long the CPU took to launch the step (before the final synchronize). Near the step
+time it does not tell a host-bound step from a GPU-bound one: once the GPU's launch queue is full the host
+waits on the GPU too. "GPU busy" (CUDA, one more step under torch.profiler: the sum of its kernels' and copies'
+device time) does: near the step time, the GPU sets the pace; well under it, the host does.
 Default shape: Llama-2-7B (hidden 4096, 32 layers, intermediate 11008, 32 heads), bf16, on CUDA.
 
     python tools/bench_adapters.py --out results.json                # 7B shape, all methods
@@ -78,21 +80,44 @@ def time_steps(model, args):
     optim = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     times, host = [], []
-    for step in range(args.warmup + args.steps):
-        sync(args.device)
-        start = time.perf_counter()
+
+    def step():
         with torch.autocast(device_type=torch.device(args.device).type, dtype=getattr(torch, args.dtype),
                             enabled=args.dtype != "float32"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup + args.steps):
+        sync(args.device)
+        start = time.perf_counter()
+        loss = step()
         issued = time.perf_counter()
         sync(args.device)
-        if step >= args.warmup:
+        if i >= args.warmup:
             times.append(time.perf_counter() - start)
             host.append(issued - start)
-    return sorted(times)[len(times) // 2], sorted(host)[len(host) // 2], loss.item()
+    busy = gpu_busy(step, args) if args.device.startswith("cuda") and not args.no_busy else None
+    return sorted(times)[len(times) // 2], sorted(host)[len(host) // 2], busy, loss.item()
+
+
+def gpu_busy(step, args):
+    """Seconds of device time (kernels, copies, fills) in one more ``step`` under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(args.device)
+    return busy_seconds(prof.key_averages())
+
+
+def busy_seconds(averages) -> float:
+    """The device time of profiler event averages, in seconds: the device's own events (kernels, copies), as
+    the profiler table's "Self CUDA time total" counts them (the CPU ops that launched them are not counted)."""
+    from torch.autograd import DeviceType
+    return sum(event.self_device_time_total for event in averages
+               if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1e6
 
 
 def profile_step(model, args, rows: int):
@@ -181,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step per method and print the ROWS costliest ops")
+    p.add_argument("--no-busy", action="store_true", help="skip the profiled step that measures GPU busy time")
     p.add_argument("--count-ops", action="store_true",
                    help="count the ops, GEMMs and copies (bytes) one forward + backward dispatches, per method")
     args = p.parse_args(argv)
@@ -195,12 +221,12 @@ def main(argv=None) -> int:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        step_s, host_s, loss = time_steps(model, args)
+        step_s, host_s, busy_s, loss = time_steps(model, args)
         if args.profile:
             profile_step(model, args, args.profile)
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") else None
-        results["methods"][method] = dict(step_s=step_s, host_s=host_s, trainable_params=trainable,
-                                          peak_mem_gib=peak, loss=loss)
+        results["methods"][method] = dict(step_s=step_s, host_s=host_s, gpu_busy_s=busy_s,
+                                          trainable_params=trainable, peak_mem_gib=peak, loss=loss)
         if args.count_ops:
             counts = results["methods"][method]["dispatched"] = count_step(model, args)
             print(f"{method:11s} one forward+backward dispatches {counts['ops']:,} ops: {counts['gemms']:,} GEMMs, "
@@ -208,7 +234,8 @@ def main(argv=None) -> int:
         model = unadapt(model, method)
         for prm in model.parameters():
             prm.requires_grad_(False)
-        print(f"{method:11s} step {step_s * 1000:9.1f} ms  (host issues it in {host_s * 1000:7.1f} ms)  "
+        print(f"{method:11s} step {step_s * 1000:9.1f} ms  (host issues it in {host_s * 1000:7.1f} ms"
+              + (f", GPU busy {busy_s * 1000:7.1f} ms" if busy_s is not None else "") + ")  "
               f"trainable {trainable:>11,d}" + (f"  peak {peak:6.1f} GiB" if peak is not None else ""), flush=True)
     base = results["methods"].get("lora", {}).get("step_s")
     if base:

@@ -162,6 +162,7 @@ def test_bench_runs_and_vqc_does_not_dominate(tmp_path):
     methods = json.loads(out.read_text())["methods"]
     assert set(methods) == {"lora", "vqc", "vqc_expval", "tq", "quanta"}
     assert all(r["trainable_params"] > 0 and r["step_s"] > 0 for r in methods.values())
+    assert all(0 < r["gpu_busy_s"] < 1.2 * r["step_s"] for r in methods.values()), methods   # device time of a step
     assert methods["vqc"]["ratio_to_lora"] < 1.6, methods["vqc"]
     assert methods["tq"]["ratio_to_lora"] < 3.5, methods["tq"]
     assert methods["quanta"]["ratio_to_lora"] < 2.5, methods["quanta"]
