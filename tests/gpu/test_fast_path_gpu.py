@@ -12,7 +12,7 @@ from gpu_helpers import make_llama, needs_cuda, report
 pytestmark = needs_cuda
 
 
-def _one_step(folder, quantized: bool, compile: bool):
+def _one_step(folder, quantized: bool, compile: bool, dropout: float = 0.0):
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
@@ -22,7 +22,7 @@ def _one_step(folder, quantized: bool, compile: bool):
                                bnb_4bit_compute_dtype=torch.bfloat16) if quantized else None
     llm = load_causal_lm(folder, dtype="bfloat16", quantization_config=quant, attn_implementation="sdpa")
     torch.manual_seed(0)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = SupervisedFinetune(llm, lora, gradient_checkpointing=True, compile=compile).cuda()
     torch.manual_seed(2)
@@ -33,6 +33,7 @@ def _one_step(folder, quantized: bool, compile: bool):
     ids = torch.randint(0, 1024, (2, 256), generator=torch.Generator().manual_seed(1)).cuda()
     labels = ids.clone()
     labels[:, :32] = -100
+    torch.manual_seed(3)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(ids, labels)["loss"]
     loss.backward()
@@ -55,3 +56,32 @@ def test_compiled_blocks_give_the_plain_loss_and_gradients(tmp_path, quantized):
            worst_grad_rel_diff=round(worst, 5), min_cosine=round(cosine, 6))
     assert abs(fast_loss - plain_loss) <= 1e-2 * abs(plain_loss)
     assert worst < 0.03 and cosine > 0.999
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora_bf16", "qlora_nf4"])
+def test_compiled_reentrant_checkpoint_recomputes_the_forward_dropout_masks(tmp_path, monkeypatch, quantized):
+    """Compiled blocks with reentrant checkpointing (tk's choice for compiled LoRA on transformers 5.17, and
+    peft's default for QLoRA) run the block's inference graph first and its training graph in backward's
+    recompute. With LoRA dropout 0.1 and the same seed, that step must give the loss and gradients of the
+    non-reentrant kind, whose recompute is the graph its forward ran; if the two graphs drew different masks,
+    the gradients would belong to another dropout sample than the loss."""
+    from toolkit.model import sft as sft_module
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    folder = make_llama(tmp_path / "llama", torch.bfloat16)
+    reentrant_loss, reentrant = _one_step(folder, quantized, compile=True, dropout=0.1)
+    monkeypatch.setattr(sft_module, "reentrant_checkpointing", lambda *args: False)
+    if quantized:
+        import peft
+        original = peft.prepare_model_for_kbit_training
+
+        def non_reentrant(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
+            return original(model, use_gradient_checkpointing, {"use_reentrant": False})
+        monkeypatch.setattr(peft, "prepare_model_for_kbit_training", non_reentrant)
+    torch._dynamo.reset()
+    plain_loss, plain = _one_step(folder, quantized, compile=True, dropout=0.1)
+    worst = max((reentrant[n] - plain[n]).norm().item() / plain[n].norm().item() for n in plain)
+    report(f"fast_path/reentrant_dropout/{'qlora' if quantized else 'lora'}", reentrant_loss=reentrant_loss,
+           non_reentrant_loss=plain_loss, worst_grad_rel_diff=round(worst, 5))
+    assert abs(reentrant_loss - plain_loss) <= 1e-3 * abs(plain_loss)
+    assert worst < 0.03
