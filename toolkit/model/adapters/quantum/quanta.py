@@ -143,7 +143,9 @@ def plan(n_axes: int):
     search (Dijkstra over layout and set of applied gates) finds the fewest copies: 4 for 4 axes where
     moving each gate's axes last took 5, 2 for 3 axes. Among plans with as many copies it prefers copies
     that keep a long innermost run in place (the token axis last, or 32+ elements), which read memory in
-    order instead of gathering single floats; that counts the final copy to [tokens, axes...] too.
+    order instead of gathering single floats; that counts the final copy to [tokens, axes...] too. Last, it
+    prefers gates met in T's own (b, a) axis order: a gradient in the other order is copied into T's layout
+    when autograd stores it (a small copy, but one more op a gate a layer for the host to issue).
     Steps: ("perm", new_layout) or ("gate", index, layout_in, layout_out, side_in, side_out).
     """
     return _plan(n_axes)
@@ -182,14 +184,15 @@ def _plan(n: int):
         out.discard(layout)
         return out
 
-    copy = 100                                  # a copy costs far more than a scattered one's extra
+    copy, scattered = 100, 2   # a copy costs far more than a scattered one's extra, which costs more than a flip
     heap, seen, tie = [(0, 0, 0, start, ())], set(), itertools.count(1)
     while heap:
         cost, _, mask, layout, steps = heapq.heappop(heap)
         if mask == done:
             if steps and steps[-1] == "end":
                 return steps[:-1]
-            heapq.heappush(heap, (cost + _scattered(layout, start), next(tie), mask, layout, steps + ("end",)))
+            heapq.heappush(heap, (cost + scattered * _scattered(layout, start), next(tie), mask, layout,
+                                  steps + ("end",)))
             continue
         if (layout, mask) in seen:
             continue
@@ -201,10 +204,11 @@ def _plan(n: int):
                     rest = layout[2:] if side == "L" else layout[:-2]
                     for out in ("R", "L"):
                         new = pair + rest if out == "L" else rest + pair
-                        heapq.heappush(heap, (cost, next(tie), mask | 1 << g, new,
+                        flip = pair[0] != pairs[g][1]   # T's gradient then needs a copy into T's layout
+                        heapq.heappush(heap, (cost + flip, next(tie), mask | 1 << g, new,
                                               steps + (("gate", g, layout, new, side, out),)))
         for new in moves(layout, mask):
-            heapq.heappush(heap, (cost + copy + _scattered(layout, new), next(tie), mask, new,
+            heapq.heappush(heap, (cost + copy + scattered * _scattered(layout, new), next(tie), mask, new,
                                   steps + (("perm", new),)))
     raise AssertionError("no plan")  # pragma: no cover
 
