@@ -275,7 +275,8 @@ def test_quanta_fused_chains_take_bf16_input_and_weights_and_compute_in_fp32():
 @pytest.mark.parametrize("n_axes, copies", [(2, 0), (3, 2), (4, 4), (5, 9)])
 def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
     """The layout plan: each gate once, gates sharing an axis in einsum order, each gate's pair at an end of
-    its layout, and the fewest copies (4 axes: 4, against 5 when each gate's axes are moved last)."""
+    its layout, and the fewest copies (4 axes: 4, against 5 when each gate's axes are moved last), with each
+    gate's pair in T's own axis order."""
     steps = q.plan(n_axes)
     pairs = [(a % n_axes, b % n_axes) for a, b in q.axis_pairs(n_axes)]
     order = [step[1] for step in steps if step[0] == "gate"]
@@ -296,6 +297,7 @@ def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
         assert layout_out == (pair + rest if side_out == "L" else rest + pair)
         layout = layout_out
     assert sum(step[0] == "perm" for step in steps) == copies
+    assert not any(q._flipped(n_axes)) or n_axes > 4     # every gate met in T's own (b, a) order: no gradient copy
 
 
 @pytest.mark.parametrize("n, layers, circuits", [(2, 1, 2), (3, 2, 3), (4, 3, 1), (5, 2, 2), (7, 2, 2)])
