@@ -36,8 +36,17 @@ def env(nproc: int = 1) -> dict:
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tools"), out.get("PYTHONPATH")]))
     out.pop("NPROC_PER_NODE", None)
     if nproc > 1:
-        out.update(NPROC_PER_NODE=str(nproc), PORT=str(29500 + os.getpid() % 1000))
+        out.update(NPROC_PER_NODE=str(nproc), PORT=str(free_port()))
     return out
+
+
+def free_port() -> int:
+    """A TCP port the OS says is free now (a fixed or pid-derived one can be taken by another run, or still
+    held in TIME_WAIT by the previous test's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tk(*args, nproc: int = 1, log: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
