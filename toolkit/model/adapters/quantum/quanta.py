@@ -248,16 +248,6 @@ def _stacked(t_gate, s_gate, pair, b_axis):
     return torch.stack(both if pair[0] == b_axis else [g.permute(1, 0, 3, 2) for g in both]).reshape(2, size, size)
 
 
-def _as_side(state, side, size):
-    """[B, ...] -> [B, size, R] (pair at the front) or [B, R, size] (pair at the back); no copy."""
-    return state.reshape(state.shape[0], size, -1) if side == "L" else state.reshape(state.shape[0], -1, size)
-
-
-def _pair_first(m, side):
-    """A [B, size, R] / [B, R, size] operand seen as [B, size, R] (a transposed view, no copy)."""
-    return m if side == "L" else m.mT
-
-
 class _QuantaChains(torch.autograd.Function):
     """Both circuits, M(T)x and M(S)x, in one autograd node over :func:`plan`'s layouts. Forward keeps the two
     states apart (plain GEMMs) so that only T's gate inputs are kept for backward, and x in its own dtype;
@@ -280,70 +270,58 @@ class _QuantaChains(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, dims, pad, out_features, out_dtype, banked, n_gates, *gates):
         t_gates, s_gates = gates[:n_gates], gates[n_gates:]
-        n, tokens, steps = len(dims), x.shape[0], plan(len(dims))
-        pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
+        tokens = x.shape[0]
+        program, final, _ = _program(tuple(dims), tokens)
         first = _padded_fp32(x, pad, dims)
-        states, saved, stacked, layout = [first, first], [], [], (TOKENS, *range(n))
-        for step in steps:
+        states, saved, stacked = [first, first], [], []
+        for step in program:
             if step[0] == "perm":
-                order = (0, *(1 + layout.index(s) for s in step[1]))
-                states = [state.permute(order).contiguous() for state in states]
-                layout = step[1]
+                states = [state.permute(step[1]).contiguous() for state in states]
                 continue
-            _, g, layout_in, layout_out, side_in, side_out = step
-            pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
-            size = dims[pair[0]] * dims[pair[1]]
-            mats = banked[g] if banked is not None else _stacked(t_gates[g], s_gates[g], pair, pairs[g][1])
+            _, g, side_in, side_out, size, _, out_sizes, pair, b_axis = step
+            mats = banked[g] if banked is not None else _stacked(t_gates[g], s_gates[g], pair, b_axis)
             stacked.append(mats)
             # T's gate inputs only (its gradients need them); the first is x itself, kept in its own dtype
             saved.append(x if not saved else states[0])
             outs = []
             for state, mat in zip(states, mats):     # T and S: two plain GEMMs, separate states (S's not kept)
-                inp = _pair_first(_as_side(state, side_in, size), side_in)[0]           # [size, R]
-                outs.append((mat @ inp if side_out == "L" else inp.mT @ mat.mT).reshape(1, *_sizes(layout_out, dims, tokens)))
-            states, layout = outs, layout_out
-        canonical = [state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))[0] for state in states]
+                inp = state.reshape(size, -1) if side_in == "L" else state.reshape(-1, size).mT    # [size, R]
+                outs.append((mat @ inp if side_out == "L" else inp.mT @ mat.mT).reshape(out_sizes))
+            states = outs
         delta = torch.empty(tokens, *dims, dtype=out_dtype, device=x.device)
-        torch.sub(canonical[0], canonical[1], out=delta)            # one kernel: difference, layout, cast
-        ctx.meta = (dims, pad, out_features, steps, pairs, layout, x.dtype, x.shape[1], len(gates) - n_gates)
+        torch.sub(states[0].permute(final)[0], states[1].permute(final)[0], out=delta)  # one kernel: difference, layout, cast
+        ctx.meta = (dims, pad, out_features, x.dtype, x.shape[1], len(gates) - n_gates)
         ctx.save_for_backward(*saved, *stacked)
         return delta.reshape(tokens, -1)[:, :out_features]
 
     @staticmethod
     def _backward(ctx, grad):
-        dims, pad, out_features, steps, pairs, layout, x_dtype, d_in, n_gates = ctx.meta
+        dims, pad, out_features, x_dtype, d_in, n_gates = ctx.meta
         tensors = ctx.saved_tensors  # once: under checkpointing a second unpack raises
         saved, stacked = tensors[:n_gates], tensors[n_gates:]
-        n, tokens, need_x = len(dims), grad.shape[0], ctx.needs_input_grad[0]
+        tokens, need_x = grad.shape[0], ctx.needs_input_grad[0]
+        program, final, end_sizes = _program(tuple(dims), tokens)
         chains = 2 if need_x else 1                     # S's chain only carries x's gradient
         full = grad.new_zeros(tokens, math.prod(dims)) if out_features < math.prod(dims) else None
         if full is not None:
             full[:, :out_features] = grad
             grad = full
-        g_state = torch.empty(chains, *_sizes(layout, dims, tokens), dtype=torch.float32, device=grad.device)
-        canonical = g_state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
+        g_state = torch.empty(chains, *end_sizes, dtype=torch.float32, device=grad.device)
+        canonical = g_state.permute(final)
         canonical.copy_(grad.reshape(1, tokens, *dims).expand(chains, *canonical.shape[1:]))
         t_grads = [None] * n_gates
         index = n_gates
-        befores = _layouts_before(steps, n)
-        for i in reversed(range(len(steps))):
-            step = steps[i]
+        for step in reversed(program):
             if step[0] == "perm":
-                previous = befores[i]
-                g_state = g_state.permute(0, *(1 + layout.index(s) for s in previous)).contiguous()
-                layout = previous
+                g_state = g_state.permute(step[2]).contiguous()
                 continue
-            _, g, layout_in, layout_out, side_in, side_out = step
+            _, g, side_in, side_out, size, in_sizes, _, pair, b_axis = step
             index -= 1
-            pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
-            size = dims[pair[0]] * dims[pair[1]]
-            g_out = _pair_first(_as_side(g_state, side_out, size), side_out)         # [chains, size, R]
+            g_out = g_state.reshape(chains, size, -1) if side_out == "L" else g_state.reshape(chains, -1, size).mT
             inp = saved[index] if index else _padded_fp32(saved[0], pad, dims)     # x: cast again, not kept in fp32
-            inp = _as_side(inp, side_in, size)[0]
-            if ctx.needs_input_grad[7 + g]:
-                grad_t = g_out[0] @ _pair_first(inp[None], side_in)[0].mT            # [size_out, size_in]
-                t_grads[g] = _unoriented(grad_t, pair, pairs[g][1], dims)
-            layout = layout_in
+            if ctx.needs_input_grad[7 + g]:                                        # [size_out, size_in]
+                grad_t = g_out[0] @ (inp.reshape(size, -1).mT if side_in == "L" else inp.reshape(-1, size))
+                t_grads[g] = _unoriented(grad_t, pair, b_axis, dims)
             if index == 0 and not need_x:
                 break
             mats = stacked[index][:chains]
@@ -351,28 +329,43 @@ class _QuantaChains(torch.autograd.Function):
                 g_in = mats.mT @ g_out
             else:
                 g_in = g_out.mT @ mats
-            g_state = g_in.reshape(chains, *_sizes(layout_in, dims, tokens))
+            g_state = g_in.reshape(chains, *in_sizes[1:])
         grad_x = None
         if need_x:
-            canonical = g_state.permute(0, *(1 + layout.index(s) for s in (TOKENS, *range(n))))
             grad_x = torch.empty(tokens, *dims, dtype=x_dtype, device=grad.device)
-            torch.sub(canonical[0], canonical[1], out=grad_x)
+            torch.sub(g_state[0], g_state[1], out=grad_x)
             grad_x = grad_x.reshape(tokens, -1)[:, :d_in]
         return (grad_x, None, None, None, None, None, None, *t_grads, *([None] * n_gates))
+
+
+@functools.lru_cache(maxsize=64)
+def _program(dims: tuple, tokens: int):
+    """:func:`plan` worked out for ``tokens``: every permutation order (forward and back) and every GEMM's shapes,
+    so that a call of the node is a loop over tensor ops. Steps: ("perm", order, order_back) or ("gate", g,
+    side_in, side_out, size, sizes_in, sizes_out, pair, b_axis). Also the order that permutes the last layout
+    to [tokens, axes...], and the last layout's sizes."""
+    n = len(dims)
+    pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
+    start = (TOKENS, *range(n))
+    steps, layout = [], start
+    for step in plan(n):
+        if step[0] == "perm":
+            steps.append(("perm", (0, *(1 + layout.index(s) for s in step[1])),
+                          (0, *(1 + step[1].index(s) for s in layout))))
+            layout = step[1]
+            continue
+        _, g, layout_in, layout_out, side_in, side_out = step
+        pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
+        steps.append(("gate", g, side_in, side_out, dims[pair[0]] * dims[pair[1]],
+                      (1, *_sizes(layout_in, dims, tokens)), (1, *_sizes(layout_out, dims, tokens)), pair, pairs[g][1]))
+        layout = layout_out
+    final = (0, *(1 + layout.index(s) for s in start))
+    return tuple(steps), final, tuple(_sizes(layout, dims, tokens))
 
 
 def _padded_fp32(x, pad, dims):
     """x [tokens, d_in] (any float dtype) -> fp32 [1, tokens, *dims], zero-padded to prod(dims)."""
     return (nn.functional.pad(x.float(), (0, pad)) if pad else x.float()).reshape(1, x.shape[0], *dims)
-
-
-def _layouts_before(steps, n):
-    """The layout in force before each step."""
-    layout, out = (TOKENS, *range(n)), []
-    for step in steps:
-        out.append(layout)
-        layout = step[1] if step[0] == "perm" else step[3]
-    return out
 
 
 def _unoriented(mat, pair, b_axis, dims):
