@@ -135,6 +135,30 @@ def test_vqc_expval_build_on_cuda_equals_the_reference():
     torch.testing.assert_close(fast_grad, slow_grad, atol=2e-5 * slow_grad.abs().max().item(), rtol=1e-4)
 
 
+def test_tq_build_and_readout_node_on_cuda_equal_the_cpu():
+    """tq's unitary build (4 x 4 CU3 einsums: complex batched GEMMs) and the expectation readout node on CUDA
+    at the bench's sizes (64 circuits, n = 8; 2,048 tokens, d 4,096, bf16 x) equal the same on the CPU,
+    values and gradients."""
+    import math
+    from toolkit.model.adapters.quantum.readout import expval_readout_update
+    from toolkit.model.adapters.quantum.tq import real_form, tq_unitary
+    torch.manual_seed(0)
+    theta = torch.empty(64, 2, 2, 8, 3).uniform_(-math.pi, math.pi)
+    x = torch.randn(2048, 4096).bfloat16()
+    a, b = torch.randn(8, 4096) / 64, torch.randn(4096, 8)
+    weights = torch.randn(2048, 4096)
+    results = []
+    for device in ("cuda", "cpu"):
+        inputs = [t.to(device, copy=True).requires_grad_() for t in (theta, x, a, b)]
+        real = real_form(tq_unitary(inputs[0], 8))
+        out = expval_readout_update(inputs[1], inputs[2], real[5], inputs[3], 2.0)
+        ((out * weights.to(device)).sum() + real.sum()).backward()
+        results.append([t.detach().cpu() for t in (real, out, *(i.grad for i in inputs))])
+    for got, want in zip(*results):                    # x's bf16 gradient: also one bf16 rounding step apart
+        ulp = 2 ** -7 * want.float().abs() if want.dtype == torch.bfloat16 else 0
+        assert ((got.float() - want.float()).abs() <= 1e-4 * want.float().abs().max() + ulp).all()
+
+
 def test_tf32_opt_in_stays_close_and_is_restored(monkeypatch):
     """TK_QUANTUM_TF32=1 (documented opt-in): quanta's circuit GEMMs on tensor cores stay within TF32's
     error of the fp32 result, and the global TF32 flag is back to the user's setting afterwards."""
