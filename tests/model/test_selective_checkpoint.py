@@ -13,6 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy
 from transformers import AutoModelForCausalLM
 
 from toolkit.errors import UserError
@@ -208,7 +209,37 @@ def test_attention_that_is_not_one_kernel_is_one_clear_error(tiny_llama_dir):
 def test_attention_dropout_is_one_clear_error(tiny_llama_dir):
     llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa", attention_dropout=0.1)
     _one_line_error(lambda: SupervisedFinetune(llm, gradient_checkpointing=True, recompute_attention=False),
-                    "needs attention_dropout 0 (the model's config has 0.1)")
+                    "needs attention dropout 0 (the model's config has attention_dropout=0.1)")
+
+
+def test_gpt2_style_attention_dropout_is_one_clear_error(tmp_path):
+    """GPT-2, GPT-J and StarCoder call it attn_pdrop: the check must not read only llama's name."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, attn_pdrop=0.1)).save_pretrained(
+        tmp_path / "gpt2")
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", attn_implementation="sdpa")
+    _one_line_error(lambda: SupervisedFinetune(llm, gradient_checkpointing=True, recompute_attention=False),
+                    "needs attention dropout 0 (the model's config has attn_pdrop=0.1)")
+
+
+@pytest.mark.parametrize("op_name", selective_checkpoint.ATTENTION_OP_NAMES)
+def test_policy_keeps_only_attention_kernels_that_draw_no_random_numbers(op_name):
+    """On CUDA sdpa runs flash or memory-efficient attention with dropout_p > 0 where a model has attention
+    dropout; such a kernel must be recomputed (skipping its draws would shift every later mask), whichever
+    way the argument is passed."""
+    if not hasattr(torch.ops.aten, op_name):
+        pytest.skip(f"this torch has no aten.{op_name}")
+    op = getattr(torch.ops.aten, op_name).default
+    names = [a.name for a in op._schema.arguments]
+    index = names.index("dropout_p")
+    policy = selective_checkpoint.save_attention_policy
+    args = [None] * index
+    assert policy(None, op, *args, 0.0) == CheckpointPolicy.MUST_SAVE
+    assert policy(None, op, *args, 0.1) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None, op, *args, dropout_p=0.1) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None, op, *args[:3]) == CheckpointPolicy.MUST_SAVE  # dropout_p left at its default 0
+    assert policy(None, torch.ops.aten.mm.default, None, None) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def test_compiled_blocks_with_offload_is_one_clear_error(tiny_llama_dir):
@@ -219,3 +250,42 @@ def test_compiled_blocks_with_offload_is_one_clear_error(tiny_llama_dir):
         layer.compile(backend="aot_eager")
     _one_line_error(lambda: apply_long_context(model.llm, True, None, recompute_attention=False),
                     "model.recompute_attention=False with offload_activations=True cannot run in compiled blocks")
+
+
+@pytest.mark.parametrize("keeps", [True, False], ids=["keeps", "keeps_nothing"])
+def test_a_switch_that_kept_nothing_says_so_once(tiny_llama_dir, monkeypatch, keeps):
+    """Where sdpa takes its math fallback no attention kernel runs, the policy keeps nothing and the switch
+    changes nothing: one warning after the first training step (stood in for by a policy that knows no
+    attention op), none where it kept the kernels."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    if not keeps:
+        monkeypatch.setattr(selective_checkpoint, "ATTENTION_OPS", frozenset())
+    model = _model(tiny_llama_dir, recompute_attention=False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        for _ in range(2):
+            _step(model)
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if "kept no attention output" in r.getMessage()]
+    assert len(warnings) == (0 if keeps else 1), warnings
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(offload_activations=True, tile_tokens=None), "model.offload_activations=True: Plain has no decoder layer"),
+    (dict(offload_activations=False, tile_tokens=None, recompute_attention=False),
+     "model.recompute_attention=False: Plain has no decoder layer")])
+def test_a_model_without_checkpointed_layers_is_one_clear_error(options, message):
+    """Checkpointing is on (check_options requires it) but the layers are not transformers' checkpointed
+    kind (remote-code models): the line says that, not "set gradient_checkpointing=True"."""
+    from types import SimpleNamespace
+
+    class Plain(torch.nn.Sequential):
+        config = SimpleNamespace(_attn_implementation="sdpa")
+    _one_line_error(lambda: apply_long_context(Plain(torch.nn.Linear(2, 2)), **options), message)

@@ -39,13 +39,35 @@ ATTENTION_OP_NAMES = ("_scaled_dot_product_flash_attention", "_scaled_dot_produc
 ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in ATTENTION_OP_NAMES
                           if hasattr(torch.ops.aten, name))
 
+#: What HF configs call the attention dropout (llama-style; GPT-2, GPT-J, StarCoder; BERT-style)
+ATTENTION_DROPOUT_NAMES = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
 #: ``attn_implementation`` values whose attention runs as one of :data:`ATTENTION_OPS`
 SUPPORTED_ATTENTION = ("sdpa",)
 
 
+def _dropout_p(op, args, kwargs) -> float:
+    """The ``dropout_p`` an attention kernel was called with (every op in :data:`ATTENTION_OPS` has one)."""
+    names = [a.name for a in op._schema.arguments]
+    index = names.index("dropout_p")
+    return kwargs.get("dropout_p", args[index] if index < len(args) else 0.0)
+
+
+#: How many attention kernels the policy chose to keep (read once after the first training step: 0 means
+#: sdpa took its math fallback, which is not one kernel, and the switch changed nothing)
+kept_attention = 0
+
+
 def save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-checkpoint policy: keep the attention kernels' outputs, recompute every other op."""
-    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    """Selective-checkpoint policy: keep the attention kernels' outputs, recompute every other op. A kernel
+    that draws random numbers (``dropout_p > 0``, whatever the model's config calls its attention dropout) is
+    recomputed too: skipping its draws in the recompute would hand every later dropout in the layer other
+    masks than forward's, and the gradients would be those of another sample."""
+    global kept_attention
+    if op in ATTENTION_OPS and not _dropout_p(op, args, kwargs):
+        kept_attention += 1
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def save_attention_contexts():
@@ -62,11 +84,12 @@ def check_attention(model) -> None:
         raise UserError(f"model.recompute_attention=False saves the sdpa attention kernel, but the model runs "
                         f"attn_implementation={implementation!r}; load it with attn_implementation='sdpa' or "
                         f"remove recompute_attention")
-    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
-    if dropout > 0:
-        raise UserError(f"model.recompute_attention=False needs attention_dropout 0 (the model's config has "
-                        f"{dropout}): the saved kernel's random draws would be skipped in the recompute; set "
-                        f"attention_dropout=0.0 or remove recompute_attention")
+    for name in ATTENTION_DROPOUT_NAMES:
+        dropout = getattr(config, name, 0.0) or 0.0
+        if dropout > 0:
+            raise UserError(f"model.recompute_attention=False needs attention dropout 0 (the model's config has "
+                            f"{name}={dropout}): a saved kernel's random draws would be skipped in the recompute; "
+                            f"set {name}=0.0 or remove recompute_attention")
 
 
 def _forward_saving_attention(layer, forward, offloader, *args, **kwargs):

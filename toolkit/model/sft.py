@@ -11,6 +11,7 @@ from ..builder import build
 from .adapters import apply_adapter
 from .adapters.apply import is_registered_adapter
 from .blocks import transformer_blocks
+from . import selective_checkpoint
 from .long_context import apply_long_context, check_options, restore_dtypes
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from .nf4 import use_torch_4bit
@@ -116,6 +117,8 @@ class SupervisedFinetune(BaseModel):
                       "kernels)", logger="current")
         self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens,
                                                               recompute_attention)
+        self.recompute_attention = recompute_attention
+        self._kept_attention_before = selective_checkpoint.kept_attention
         for line in lines:
             print_log(line, logger="current")
 
@@ -124,21 +127,25 @@ class SupervisedFinetune(BaseModel):
             raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
         loss = causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids,
                               chunk_tokens=self.loss_chunk_tokens)
-        self._check_offload_once()
+        self._check_switches_once()
         return {"loss": loss}
 
-    def _check_offload_once(self) -> None:
-        """After the first training forward: say so if offload_activations moved nothing (a model whose
-        layers take their hidden states by keyword gives the checkpoint no tensor argument to offload)."""
-        offloader = self.activation_offloader
-        if offloader is None or getattr(self, "_offload_checked", False) or not (self.training
-                                                                                 and torch.is_grad_enabled()):
+    def _check_switches_once(self) -> None:
+        """After the first training forward: say so if a switch changed nothing. offload_activations: a model
+        whose layers take their hidden states by keyword gives the checkpoint no tensor argument to offload.
+        recompute_attention=False: sdpa took its math fallback (not one kernel), so nothing was kept."""
+        if getattr(self, "_switches_checked", False) or not (self.training and torch.is_grad_enabled()):
             return
-        self._offload_checked = True
-        if offloader.packed_count == 0:
+        self._switches_checked = True
+        offloader = self.activation_offloader
+        if offloader is not None and offloader.packed_count == 0:
             print_log("offload_activations=True: the first training step moved no block input to host memory "
                       "(this model's layers may take their hidden states by keyword); GPU memory is as "
                       "without offload", logger="current", level=logging.WARNING)
+        if not self.recompute_attention and selective_checkpoint.kept_attention == self._kept_attention_before:
+            print_log("recompute_attention=False: the first training step kept no attention output (sdpa ran "
+                      "its math fallback, or its kernels drew dropout), so backward recomputes attention as "
+                      "with full checkpointing", logger="current", level=logging.WARNING)
 
     def init_weights(self) -> None:
         """Nothing to do: weights come from the checkpoint and the adapter's own init. mmengine's Runner
