@@ -51,16 +51,18 @@ def apply_long_context(model, offload_activations: bool, tile_tokens: int | None
         offloader = ActivationOffloader() if offload_activations else None
         count = checkpoint_saving_attention(model, offloader)
         if count == 0:
-            raise UserError("model.recompute_attention=False: this model has no gradient-checkpointed blocks; "
-                            "set model.gradient_checkpointing=True")
+            raise UserError(f"model.recompute_attention=False: {type(model).__name__} has no decoder layer "
+                            f"that transformers checkpoints (GradientCheckpointingLayer; remote-code models have "
+                            f"their own), so there is nothing to checkpoint selectively; remove recompute_attention")
         lines.append(f"recompute_attention=False: {count} checkpointed blocks keep their attention output; "
                      f"backward recomputes the rest" + (" (their inputs in host memory)" if offloader else ""))
     elif offload_activations:
         offloader = ActivationOffloader()
         count = offload_checkpointed_inputs(model, offloader)
         if count == 0:
-            raise UserError("model.offload_activations=True: this model has no gradient-checkpointed blocks to "
-                            "offload; set model.gradient_checkpointing=True")
+            raise UserError(f"model.offload_activations=True: {type(model).__name__} has no decoder layer that "
+                            f"transformers checkpoints (GradientCheckpointingLayer; remote-code models have their "
+                            f"own), so there is no block input to offload; remove offload_activations")
         lines.append(f"offload_activations=True: the checkpointed inputs of {count} blocks go to host memory")
     if tile_tokens:
         count = tile_mlps(model, tile_tokens)
