@@ -324,3 +324,28 @@ def test_quanta_fused_path_in_a_model_equals_the_reference(tiny_llama_dir, monke
     tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("name", ["vqc", "tq", "quanta"])
+def test_no_bank_entry_outlives_a_fused_optimizer_step_or_an_assigned_load(tiny_llama_dir, monkeypatch, name):
+    """Fused AdamW rewrites the parameters without bumping their version counter, and
+    load_state_dict(assign=True) swaps the tensors: after either, a layer called on its own builds from the
+    current parameters instead of taking the last model forward's entry (review finding)."""
+    from toolkit.model.adapters.quantum.bank import bank_unitary
+    monkeypatch.setenv("TK_QUANTA_FUSED", "1")
+    model = adapted(tiny_llama_dir, name)
+    perturb(model)
+    delta = next(iter(adapted_layers(model).values())).delta
+    model(PROBE, labels=PROBE).loss.backward()
+    assert bank_unitary(delta) is not None
+    params = [p for p in model.parameters() if p.requires_grad]
+    versions = [p._version for p in params]
+    torch.optim.AdamW(params, lr=0.1, fused=True).step()
+    assert [p._version for p in params] == versions  # the counter alone cannot see this step
+    assert bank_unitary(delta) is None
+    with torch.no_grad():
+        model(PROBE)
+    assert bank_unitary(delta) is not None
+    state = {k: v.clone() + 0.01 for k, v in delta.state_dict().items()}
+    delta.load_state_dict(state, assign=True)
+    assert bank_unitary(delta) is None

@@ -7,7 +7,7 @@ unitaries at once; each layer takes its slice. The result is computed outside an
 checkpointing recomputes a layer without rebuilding it) and afresh on every forward of that module (so
 the graph is never reused after backward).
 A layer called outside a model forward sees the last model forward's unitaries, unless its parameters
-changed since (an optimizer step, a load): then it builds its own. Merging always builds its own.
+changed since (an optimizer step, a load, a move): then it builds its own. Merging always builds its own.
 
 A delta joins a bank through ``bank_key`` (equal keys share one build), ``bank_params()`` (the tensors the
 build reads) and ``build_bank(deltas)`` (one entry per delta); circuits with angles θ use :class:`ThetaBank`'s.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class ThetaBank:
@@ -34,7 +35,23 @@ class ThetaBank:
 
 
 def _versions(delta):
-    return tuple(p._version for p in delta.bank_params())
+    """What says a parameter changed since the bank read it: its in-place version counter, and its storage
+    (``load_state_dict(assign=True)`` and ``.to()`` give a new tensor). Writes that bypass the counter (fused
+    optimizers, ``.data`` copies) are covered by :func:`_forget_after_step`."""
+    return tuple((p._version, p.data_ptr()) for p in delta.bank_params())
+
+
+_BANKS = weakref.WeakSet()
+
+
+def _forget_after_step(optimizer, args, kwargs) -> None:
+    """Any torch optimizer's step may have rewritten the parameters without bumping their version counter
+    (fused AdamW does not): every bank's entries are dropped, and the next model forward builds new ones."""
+    for bank in list(_BANKS):
+        bank.current = None
+
+
+register_optimizer_step_post_hook(_forget_after_step)
 
 
 class UnitaryBank:
@@ -44,6 +61,7 @@ class UnitaryBank:
         self.handles = []
         for index, delta in enumerate(self.deltas):
             delta._bank = (weakref.ref(self), index)
+        _BANKS.add(self)
 
     def refresh(self, *_):
         with torch.autocast(device_type=self.deltas[0].bank_params()[0].device.type, enabled=False):
