@@ -68,6 +68,9 @@ def test_compiled_reentrant_checkpoint_recomputes_the_forward_dropout_masks(tmp_
     from toolkit.model import sft as sft_module
     if quantized:
         pytest.importorskip("bitsandbytes")
+    elif not sft_module.reentrant_checkpointing(True, None, False):
+        pytest.skip("this transformers checkpoints inside the compiled block, where tk's compiled LoRA is "
+                    "non-reentrant already: nothing to compare")
     folder = make_llama(tmp_path / "llama", torch.bfloat16)
     reentrant_loss, reentrant = _one_step(folder, quantized, compile=True, dropout=0.1)
     monkeypatch.setattr(sft_module, "reentrant_checkpointing", lambda *args: False)

@@ -106,6 +106,8 @@ class ExpvalReadout(torch.autograd.Function):
     def forward(ctx, x, a, real, b, scale):
         with torch.autocast(x.device.type, enabled=False):
             n = a.shape[0]
+            if n < 2:  # inject.py's MIN_QUBITS keeps users out; the tree encoding and its backward need a pair
+                raise ValueError(f"the expectation readout needs at least 2 qubits, got {n}")
             t = torch.tanh(x.float() @ a.T)
             # (cos φ/2, sin φ/2) as cos(φ/2 - (0, π/2)): two ops for what cos, sin and a stack took three more
             units = torch.cos(torch.add(_offsets(x.device), t.unsqueeze(-1), alpha=math.pi / 2))   # [T, n, 2]
