@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from toolkit.cli.main import main
 
@@ -64,3 +65,27 @@ def test_sigkill_then_resume_auto_logs_the_same_losses(tiny_config, tmp_path):
     history = json.loads((cut / "loss_history.json").read_text())
     assert [step for step, _ in history["train"]] == list(range(1, N + 1))
     assert [step for step, _ in history["val"]] == [3, 6, 8]
+
+
+def test_two_processes_resume_with_each_ranks_generators(tiny_config, tmp_path):
+    """Two processes (gloo on the CPU, through torchrun as `tk train` launches them): a run resumed from the
+    checkpoint of iteration 2 logs the losses of the uninterrupted run for iterations 3 and 4. mmengine
+    writes checkpoints from rank 0 alone, so each rank's generator states are gathered into it beforehand;
+    with rank 0's states alone, rank 1 would draw other LoRA dropout masks and, through the averaged
+    gradients, change rank 0's next loss."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+    from gpu_helpers import tk
+    cfg = tiny_config(save_steps=2, save_total_limit=10)
+    options = ["--cfg-options", "train_cfg.max_iters=4", "model.adapter.lora_dropout=0.3", *FAST]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    result = tk("train", cfg, "--work-dir", whole, *options, nproc=2)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    expected = train_losses(whole)
+    assert sorted(expected) == [1, 2, 3, 4]
+    result = tk("train", cfg, "--work-dir", cut, "--resume", whole / "iter_2.pth", *options, nproc=2)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "no random generator states" not in result.stdout + result.stderr
+    got = train_losses(cut)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])

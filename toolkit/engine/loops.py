@@ -46,14 +46,13 @@ class TrainLoop(IterBasedTrainLoop):
             for _ in range(self._iter):
                 next(self.dataloader_iterator)
             rng_hooks = [hook for hook in self.runner.hooks if isinstance(hook, RandomStateHook)]
-            if rng_hooks and rng_hooks[0].loaded is not None and get_world_size() == 1:
-                restore_rng_state(rng_hooks[0].loaded)
-            elif get_world_size() > 1:  # only rank 0's states are saved: each rank keeps its own seeding
-                print_log("multi-process resume: random generators are re-seeded, not restored",
-                          logger="current", level=logging.WARNING)
+            state = rng_hooks[0].state_for_this_process() if rng_hooks else None
+            if state is not None:
+                restore_rng_state(state)
             else:
-                print_log("the checkpoint holds no random generator states: dropout after resuming will differ "
-                          "from an uninterrupted run", logger="current", level=logging.WARNING)
+                print_log(f"the checkpoint holds no random generator states for {get_world_size()} process(es) "
+                          f"(saved by another world size, or by an older tk): dropout after resuming will differ "
+                          f"from an uninterrupted run", logger="current", level=logging.WARNING)
         while self._iter < self._max_iters and not self.stop_training:
             self.runner.model.train()
             data_batch = next(self.dataloader_iterator)

@@ -40,15 +40,62 @@ def restore_rng_state(rng: dict) -> None:
 
 @HOOKS.register_module()
 class RandomStateHook(Hook):
-    """Writes ``checkpoint['meta']['rng_state']``; keeps the loaded one in ``self.loaded`` for the loop."""
+    """Writes ``checkpoint['meta']['rng_state']`` and, with several processes, ``['rng_state_per_rank']``;
+    :meth:`state_for_this_process` gives the loop what to put back.
 
-    priority = "VERY_LOW"
+    mmengine writes a checkpoint from rank 0 only (``before_save_checkpoint`` runs there alone), so the other
+    ranks' states are gathered just before: in ``after_train_iter``/``after_train_epoch`` of a step the
+    CheckpointHook will save at (this hook's priority runs it first), where every rank takes part."""
+
+    priority = "LOW"  # before the CheckpointHook (VERY_LOW) in after_train_iter / after_train_epoch
 
     def __init__(self):
         self.loaded: dict | None = None
+        self.loaded_per_rank: list | None = None
+        self.gathered: list | None = None
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        hook = _checkpoint_hook(runner)
+        if hook is not None and not hook.by_epoch and (
+                hook.every_n_train_iters(runner, hook.interval, hook.save_begin)
+                or (hook.save_last and hook.is_last_train_iter(runner))):
+            self._gather()
+
+    def after_train_epoch(self, runner) -> None:
+        hook = _checkpoint_hook(runner)
+        if hook is not None and hook.by_epoch and (
+                hook.every_n_epochs(runner, hook.interval, hook.save_begin)
+                or (hook.save_last and hook.is_last_train_epoch(runner))):
+            self._gather()
+
+    def _gather(self) -> None:
+        from mmengine.dist import all_gather_object, get_world_size
+        self.gathered = all_gather_object(capture_rng_state()) if get_world_size() > 1 else None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint.setdefault("meta", {})["rng_state"] = capture_rng_state()
+        from mmengine.dist import get_world_size
+        meta = checkpoint.setdefault("meta", {})
+        meta["rng_state"] = capture_rng_state()
+        if self.gathered is not None and len(self.gathered) == get_world_size():
+            meta["rng_state_per_rank"] = self.gathered
+        self.gathered = None
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self.loaded = checkpoint.get("meta", {}).get("rng_state")
+        meta = checkpoint.get("meta", {})
+        self.loaded, self.loaded_per_rank = meta.get("rng_state"), meta.get("rng_state_per_rank")
+
+    def state_for_this_process(self) -> dict | None:
+        """The loaded states this process draws on: rank r's where the checkpoint has one per rank of the
+        same world size; the only one in a single process; else None (re-seeded, not restored)."""
+        from mmengine.dist import get_rank, get_world_size
+        world = get_world_size()
+        if world == 1:
+            return self.loaded
+        if self.loaded_per_rank is not None and len(self.loaded_per_rank) == world:
+            return self.loaded_per_rank[get_rank()]
+        return None
+
+
+def _checkpoint_hook(runner):
+    from mmengine.hooks import CheckpointHook
+    return next((hook for hook in runner.hooks if isinstance(hook, CheckpointHook)), None)
