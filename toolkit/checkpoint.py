@@ -175,6 +175,14 @@ def make_checkpoint_hook_safe(runner) -> None:
             hook.__class__ = _safe_checkpoint_hook()
 
 
+def _gather_rank_states(runner) -> None:
+    """Let the RandomStateHook collect every rank's generator states for the checkpoint about to be written."""
+    from .engine.hooks.random_state import RandomStateHook
+    for hook in runner.hooks:
+        if isinstance(hook, RandomStateHook):
+            hook.gather()
+
+
 @functools.cache
 def _safe_checkpoint_hook():
     from mmengine.dist import is_main_process
@@ -196,6 +204,7 @@ def _safe_checkpoint_hook():
             filename = self.filename_tmpl.format(step)
             self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
             runner.message_hub.update_info("last_ckpt", self.last_ckpt)
+            _gather_rank_states(runner)  # every rank is here; runner.save_checkpoint writes from rank 0 alone
             runner.save_checkpoint(self.out_dir, filename, self.file_client_args, save_optimizer=self.save_optimizer,
                                    save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=self.by_epoch,
                                    backend_args=self.backend_args, **self.args)

@@ -43,32 +43,18 @@ class RandomStateHook(Hook):
     """Writes ``checkpoint['meta']['rng_state']`` and, with several processes, ``['rng_state_per_rank']``;
     :meth:`state_for_this_process` gives the loop what to put back.
 
-    mmengine writes a checkpoint from rank 0 only (``before_save_checkpoint`` runs there alone), so the other
-    ranks' states are gathered just before: in ``after_train_iter``/``after_train_epoch`` of a step the
-    CheckpointHook will save at (this hook's priority runs it first), where every rank takes part."""
+    mmengine writes a checkpoint from rank 0 only (``before_save_checkpoint`` runs there alone), so tk's
+    CheckpointHook calls :meth:`gather` on every rank just before it saves (toolkit/checkpoint.py)."""
 
-    priority = "LOW"  # before the CheckpointHook (VERY_LOW) in after_train_iter / after_train_epoch
+    priority = "VERY_LOW"
 
     def __init__(self):
         self.loaded: dict | None = None
         self.loaded_per_rank: list | None = None
         self.gathered: list | None = None
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        hook = _checkpoint_hook(runner)
-        if hook is not None and not hook.by_epoch and (
-                hook.every_n_train_iters(runner, hook.interval, hook.save_begin)
-                or (hook.save_last and hook.is_last_train_iter(runner))):
-            self._gather()
-
-    def after_train_epoch(self, runner) -> None:
-        hook = _checkpoint_hook(runner)
-        if hook is not None and hook.by_epoch and (
-                hook.every_n_epochs(runner, hook.interval, hook.save_begin)
-                or (hook.save_last and hook.is_last_train_epoch(runner))):
-            self._gather()
-
-    def _gather(self) -> None:
+    def gather(self) -> None:
+        """Collective: every rank's states, for the checkpoint written next."""
         from mmengine.dist import all_gather_object, get_world_size
         self.gathered = all_gather_object(capture_rng_state()) if get_world_size() > 1 else None
 
@@ -95,7 +81,3 @@ class RandomStateHook(Hook):
             return self.loaded_per_rank[get_rank()]
         return None
 
-
-def _checkpoint_hook(runner):
-    from mmengine.hooks import CheckpointHook
-    return next((hook for hook in runner.hooks if isinstance(hook, CheckpointHook)), None)
