@@ -7,3 +7,16 @@ def transformer_blocks(model) -> list:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def checkpoint_every_kth_block(model, every: int) -> tuple[int, int]:
+    """Leave gradient checkpointing on for blocks 0, k, 2k, ... only (torchtitan's selective layer
+    checkpointing): the others keep their activations, so backward recomputes 1/k of the forward instead of
+    all of it, for the memory those activations take. Call after transformers enabled checkpointing.
+    Returns (blocks still checkpointed, blocks that checkpoint at all)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+    return sum(layer.gradient_checkpointing for layer in layers), len(layers)

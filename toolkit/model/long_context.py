@@ -24,9 +24,16 @@ def _positive(name: str, value) -> int:
 
 
 def check_options(gradient_checkpointing: bool, offload_activations: bool, tiled_mlp,
-                  loss_chunk_tokens, recompute_attention: bool = True) -> tuple[int | None, int | None]:
+                  loss_chunk_tokens, recompute_attention: bool = True,
+                  checkpoint_every: int = 1) -> tuple[int | None, int | None]:
     """(MLP tile tokens or None, loss chunk tokens or None) from the user's settings; one-line UserError
     for a value that cannot work."""
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise UserError(f"model.checkpoint_every = {checkpoint_every!r} must be a whole number >= 1 (1: checkpoint "
+                        f"every block, 2: every second one, ...)")
+    if checkpoint_every > 1 and not gradient_checkpointing:
+        raise UserError(f"model.checkpoint_every={checkpoint_every} picks which blocks gradient checkpointing "
+                        f"recomputes; set model.gradient_checkpointing=True as well")
     if offload_activations and not gradient_checkpointing:
         raise UserError("model.offload_activations=True moves the inputs that gradient checkpointing keeps; "
                         "set model.gradient_checkpointing=True as well")

@@ -8,9 +8,10 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModel
 
 from ..builder import build
+from ..errors import UserError
 from .adapters import apply_adapter
 from .adapters.apply import is_registered_adapter
-from .blocks import transformer_blocks
+from .blocks import checkpoint_every_kth_block, transformer_blocks
 from . import selective_checkpoint
 from .long_context import apply_long_context, check_options, restore_dtypes
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
@@ -79,16 +80,19 @@ class SupervisedFinetune(BaseModel):
     loaded dtype instead of peft's fp32 (whose fp32 embeddings make the whole residual stream fp32).
     ``recompute_attention=False`` keeps each checkpointed block's attention output, so backward recomputes
     the rest of the block but not the attention (:mod:`.selective_checkpoint`).
+    ``checkpoint_every=k`` (with ``gradient_checkpointing``) checkpoints only blocks 0, k, 2k, ...: the others
+    keep their activations, trading memory for less recompute (docs/benchmarks.md, full fine-tuning).
     """
 
     def __init__(self, llm, adapter=None, gradient_checkpointing: bool = False, compile: bool | dict = False,
                  offload_activations: bool = False, tiled_mlp: bool | int = False,
                  loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, upcast_unquantized: bool = True,
-                 recompute_attention: bool = True,
+                 recompute_attention: bool = True, checkpoint_every: int = 1,
                  data_preprocessor=None):
         super().__init__(data_preprocessor=data_preprocessor)
         tile_tokens, self.loss_chunk_tokens = check_options(gradient_checkpointing, offload_activations, tiled_mlp,
-                                                            loss_chunk_tokens, recompute_attention)
+                                                            loss_chunk_tokens, recompute_attention,
+                                                            checkpoint_every)
         model = build(llm) if isinstance(llm, dict) else llm
         model.config.use_cache = False
         if _is_quantized(model):
@@ -106,6 +110,14 @@ class SupervisedFinetune(BaseModel):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             if adapter is not None or reentrant:
                 model.enable_input_require_grads()
+        if gradient_checkpointing and checkpoint_every > 1:
+            kept, total = checkpoint_every_kth_block(model, checkpoint_every)
+            if total == 0:
+                raise UserError(f"model.checkpoint_every={checkpoint_every}: {type(model).__name__} has no decoder "
+                                f"layer that transformers checkpoints (GradientCheckpointingLayer; remote-code "
+                                f"models have their own); remove checkpoint_every")
+            print_log(f"checkpoint_every={checkpoint_every}: {kept} of {total} blocks checkpointed, the others "
+                      f"keep their activations", logger="current")
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
         if _wants_compile(compile) and torch.cuda.is_available():

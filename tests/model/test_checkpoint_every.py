@@ -1,0 +1,75 @@
+"""checkpoint_every=k: only blocks 0, k, 2k, ... recompute their forward in backward, and training computes the
+same numbers as checkpointing every block.
+
+A 4-layer version of the tiny llama, fp32 on a CPU, one forward + backward. The attention kernel is counted at
+dispatch (once per block in forward, once more per checkpointed block in backward). Tolerance: none: the blocks
+run the same kernels on the same inputs either way, and checkpoint restores the RNG state for its recompute, so
+loss and gradients are bit-equal, LoRA dropout 0.1 included.
+"""
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from toolkit.errors import UserError
+from toolkit.model.sft import SupervisedFinetune
+from test_selective_checkpoint import TARGETS, _CountAttention
+
+LAYERS = 4
+
+
+def _model(folder, adapter=True, **options):
+    config = AutoConfig.from_pretrained(folder)
+    config.num_hidden_layers = LAYERS
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lora = dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS,
+                init_lora_weights=False) if adapter else None
+    return SupervisedFinetune(llm, lora, **options).train()
+
+
+def _step(model):
+    ids = torch.randint(3, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    torch.manual_seed(5)
+    counter = _CountAttention()
+    with counter:
+        loss = model(ids, labels)["loss"]
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, counter.count
+
+
+@pytest.mark.parametrize("adapter", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("every,checkpointed", [(2, [0, 2]), (3, [0, 3]), (4, [0]), (5, [0])])
+def test_only_every_kth_block_recomputes_and_the_numbers_stay(tiny_llama_dir, adapter, every, checkpointed):
+    reference = _step(_model(tiny_llama_dir, adapter, gradient_checkpointing=True))
+    model = _model(tiny_llama_dir, adapter, gradient_checkpointing=True, checkpoint_every=every)
+    layers = (model.llm.base_model.model if adapter else model.llm).model.layers
+    assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == checkpointed
+    ours = _step(model)
+    assert reference[2] == 2 * LAYERS
+    assert ours[2] == LAYERS + len(checkpointed)
+    assert torch.equal(ours[0], reference[0])
+    assert ours[1].keys() == reference[1].keys() and len(ours[1]) > 0
+    for name, grad in reference[1].items():
+        assert torch.equal(ours[1][name], grad), name
+    assert all(g.abs().sum() > 0 for g in ours[1].values())
+
+
+def test_every_1_is_full_checkpointing(tiny_llama_dir):
+    model = _model(tiny_llama_dir, gradient_checkpointing=True, checkpoint_every=1)
+    assert _step(model)[2] == 2 * LAYERS
+
+
+@pytest.mark.parametrize("every", [0, -2, 1.5, True, "2"])
+def test_a_bad_value_is_one_clear_line(tiny_llama_dir, every):
+    with pytest.raises(UserError, match=r"model.checkpoint_every = .* must be a whole number >= 1"):
+        _model(tiny_llama_dir, gradient_checkpointing=True, checkpoint_every=every)
+
+
+def test_without_gradient_checkpointing_it_says_so(tiny_llama_dir):
+    with pytest.raises(UserError, match=r"checkpoint_every=2 .* set model.gradient_checkpointing=True"):
+        _model(tiny_llama_dir, checkpoint_every=2)
