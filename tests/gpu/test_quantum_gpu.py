@@ -1,6 +1,7 @@
 """Circuit adapters on CUDA: bf16 and 4-bit bases, ZeRO-2, and the step-time ratio to LoRA (tools/bench_adapters.py)."""
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,56 @@ def test_vqc_expval_build_on_cuda_equals_the_reference():
     weights = torch.randn_like(fast)
     (fast_grad,), (slow_grad,) = (torch.autograd.grad((out * weights).sum(), theta) for out in (fast, slow))
     torch.testing.assert_close(fast_grad, slow_grad, atol=2e-5 * slow_grad.abs().max().item(), rtol=1e-4)
+
+
+def _copies_inside_gemms(fn):
+    """Run ``fn`` once under torch.profiler (after a warm-up) and list the copies (of 32k+ elements) torch made
+    inside a GEMM op: torch's CUDA bmm/mm copy an operand or a result that cuBLAS cannot take as it is (no
+    unit stride, a leading dimension too small, a stride-0 batch it refuses)."""
+    from torch.profiler import ProfilerActivity, profile
+    gemms = {"aten::mm", "aten::bmm", "aten::matmul", "aten::addmm", "aten::baddbmm"}
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    torch.cuda.synchronize()
+    hidden = []
+    for event in prof.events():
+        if event.name in ("aten::copy_", "aten::clone", "aten::contiguous"):
+            parent = event.cpu_parent
+            while parent is not None and parent.name not in gemms:
+                parent = parent.cpu_parent
+            if parent is not None and event.input_shapes and event.input_shapes[0] and \
+                    math.prod(event.input_shapes[0]) >= 2 ** 15:      # not a tiny one (32k+ elements)
+                hidden.append((parent.name, event.name, event.input_shapes))
+    return hidden
+
+
+def test_strided_gemms_make_no_hidden_copies_on_cuda():
+    """quanta's fused node and the vqc expval build hand cuBLAS strided operands and strided outputs (a
+    [batch, pair, free] view of a state stored in another axis order, Kb's GEMM writing the b-major state):
+    torch's CUDA bmm/mm must take those as they are, or the copies the plan removed come back inside the
+    GEMMs (quanta: 1 + 1 full-state copies a layer planned, against 4 + 4 before)."""
+    from toolkit.model.adapters.quantum import quanta as q
+    from toolkit.model.adapters.quantum.vqc import vqc_real_unitary
+    torch.manual_seed(0)
+    dims = [16, 8, 8, 4]
+    t_gates = [(torch.randn(dims[b], dims[a], dims[b], dims[a], device="cuda") / 8).requires_grad_()
+               for a, b in q.axis_pairs(4)]
+    s_gates = [torch.randn_like(t) / 8 for t in t_gates]
+    x = torch.randn(2048, 4096, device="cuda").bfloat16().requires_grad_()
+
+    def quanta_step():
+        q.quanta_update(x, t_gates, s_gates, dims, 0, 4096, torch.bfloat16, fused=True).float().sum().backward()
+
+    theta = torch.empty(4, 2, 4, 10, device="cuda").uniform_(-math.pi, math.pi).requires_grad_()
+
+    def vqc_step():
+        out = vqc_real_unitary(theta, 10)
+        out.backward(torch.ones_like(out))
+
+    for step in (quanta_step, vqc_step):
+        assert _copies_inside_gemms(step) == [], step.__name__
 
 
 def test_tq_build_and_readout_node_on_cuda_equal_the_cpu():

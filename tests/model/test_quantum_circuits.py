@@ -272,32 +272,63 @@ def test_quanta_fused_chains_take_bf16_input_and_weights_and_compute_in_fp32():
     assert x.grad.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in t_gates)
 
 
-@pytest.mark.parametrize("n_axes, copies", [(2, 0), (3, 2), (4, 4), (5, 9)])
+@pytest.mark.parametrize("n_axes, copies", [(2, (0, 0)), (3, (0, 1)), (4, (1, 1)), (5, (9, 9))])
 def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
-    """The layout plan: each gate once, gates sharing an axis in einsum order, each gate's pair at an end of
-    its layout, and the fewest copies (4 axes: 4, against 5 when each gate's axes are moved last), with each
-    gate's pair in T's own axis order."""
-    steps = q.plan(n_axes)
+    """The layout plan: each gate once forward and once backward (in reverse), gates sharing an axis in einsum
+    order, each gate's pair next to each other in its input, every GEMM tall (no batch, or the tokens among
+    the free axes), each weight gradient a plain GEMM (input and output gradient with the pair at one end and
+    the other axes in the same order), and the fewest copies: 4 axes 1 forward + 1 backward, where the plan
+    with plain 2-D GEMMs only took 4 + 4."""
+    forward, backward = q.plan(n_axes)
     pairs = [(a % n_axes, b % n_axes) for a, b in q.axis_pairs(n_axes)]
-    order = [step[1] for step in steps if step[0] == "gate"]
+    order = [step[1] for step in forward if step[0] == "gate"]
     assert sorted(order) == list(range(len(pairs)))
+    assert [step[1] for step in backward if step[0] == "gate"] == order[::-1]
     for i, g in enumerate(order):
         assert all(not set(pairs[g]) & set(pairs[h]) for h in order[i + 1:] if h < g)
-    layout = (q.TOKENS, *range(n_axes))
-    for step in steps:
-        if step[0] == "perm":
-            assert sorted(step[1]) == sorted(layout) and step[1] != layout
-            layout = step[1]
-            continue
-        _, g, layout_in, layout_out, side_in, side_out = step
-        assert layout_in == layout
-        pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
-        assert set(pair) == set(pairs[g])
-        rest = layout_in[2:] if side_in == "L" else layout_in[:-2]
-        assert layout_out == (pair + rest if side_out == "L" else rest + pair)
-        layout = layout_out
-    assert sum(step[0] == "perm" for step in steps) == copies
-    assert not any(q._flipped(n_axes)) or n_axes > 4     # every gate met in T's own (b, a) order: no gradient copy
+
+    def walk(steps, layout):
+        layouts = {}
+        for step in steps:
+            if step[0] == "perm":
+                assert step[1] == layout and sorted(step[2]) == sorted(layout) and step[2] != layout
+                layout = step[2]
+                continue
+            _, g, layout_in, layout_out, batch, free = step
+            assert layout_in == layout if layout is not None else True
+            pair = tuple(s for s in layout_in if s not in batch + free)
+            assert set(pair) == set(pairs[g]) and sorted(layout_out) == sorted(layout_in)
+            assert any(layout_in[k:k + 2] == pair for k in range(n_axes))        # the pair sits together
+            assert not batch or q.TOKENS in free                                    # tall GEMMs only
+            layouts[g] = layout_in
+            layout = layout_out
+        return layouts
+
+    inputs = walk(forward, (q.TOKENS, *range(n_axes)))
+    grads = walk(backward, None)
+    for g, pair in enumerate(pairs):
+        for layout in (inputs[g], grads[g]):
+            assert set(layout[:2]) == set(pair) or set(layout[-2:]) == set(pair)
+        assert [s for s in inputs[g] if s not in pair] == [s for s in grads[g] if s not in pair]
+    assert (sum(step[0] == "perm" for step in forward), sum(step[0] == "perm" for step in backward)) == copies
+
+
+@pytest.mark.parametrize("dims", [(16, 8, 8, 4), (4, 2, 3, 2), (3, 4, 5), (2, 3, 4, 5, 2)])
+def test_quanta_gemm_views_are_ones_cublas_takes_without_a_copy(dims):
+    """Every GEMM of the fused node reads and writes strided [batch, rows, columns] views: each must have one
+    unit stride and a large enough leading dimension (what torch's CUDA bmm/mm pass to cuBLAS as they are;
+    otherwise torch copies the operand or the result, the copies the plan is there to avoid)."""
+    forward, backward, _, _ = q._program(tuple(dims), 7)
+
+    def takes(shape, stride):
+        _, rows, cols = shape
+        return (stride[2] == 1 and stride[1] >= max(1, cols)) or (stride[1] == 1 and stride[2] >= max(1, rows))
+
+    for kind, step in forward + backward:
+        if kind == "gate":
+            assert takes(step.shape, step.stride_in) and takes(step.shape, step.stride_out), step.__dict__
+            rows, cols = step.rows_shape
+            assert step.rows_stride in ((cols, 1), (1, rows))                       # the weight gradient's view
 
 
 @pytest.mark.parametrize("n, layers, circuits", [(2, 1, 2), (3, 2, 3), (4, 3, 1), (5, 2, 2), (7, 2, 2)])

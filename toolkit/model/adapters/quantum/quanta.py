@@ -134,19 +134,31 @@ TOKENS = -1   # the token axis in a layout
 
 
 def plan(n_axes: int):
-    """Layouts for the gate chain with the fewest full-state copies (cached per number of axes).
+    """The gate chain's layouts, forward and backward, with the fewest full-state copies (cached per number of
+    axes). Returns ``(forward, backward)``, two lists of steps:
 
-    A gate is one 2-D GEMM, with no copy, when its two axes sit together at either end of the state's
-    memory layout: at the front it multiplies from the left ([pair, rest]), at the back from the right
-    ([rest, pair]), and the GEMM may write its result with the pair at either end (cuBLAS writes a
-    transposed product for free). Gates on disjoint axes may swap. Between gates a copy moves axes; the
-    search (Dijkstra over layout and set of applied gates) finds the fewest copies: 4 for 4 axes where
-    moving each gate's axes last took 5, 2 for 3 axes. Among plans with as many copies it prefers copies
-    that keep a long innermost run in place (the token axis last, or 32+ elements), which read memory in
-    order instead of gathering single floats; that counts the final copy to [tokens, axes...] too. Last, it
-    prefers gates met in T's own (b, a) axis order: a gradient in the other order is copied into T's layout
-    when autograd stores it (a small copy, but one more op a gate a layer for the host to issue).
-    Steps: ("perm", new_layout) or ("gate", index, layout_in, layout_out, side_in, side_out).
+    - ``("gate", g, layout_in, layout_out, batch, free)``: gate g as one (batched) GEMM. A state's memory
+      layout is an order of its axes (the tokens and the circuit axes). The gate's two axes must sit next
+      to each other (in either order: the gate matrix is then permuted to match, a small copy the bank makes
+      once a step); the other axes fall into two groups that each sit together, the batch and the free axes,
+      so that the input is a strided [batch, pair, free] or [batch, free, pair] stack of matrices, and the
+      GEMM writes its product into any order of the three groups that keeps the pair or the free group
+      innermost (a strided batched GEMM with a strided output: cuBLAS moves the axes for free). The token
+      axis must be free or the batch empty, so that every GEMM is tall (2,048+ columns at the bench's size)
+      and never thousands of tiny ones.
+    - ``("perm", layout_from, layout_to)``: a copy.
+
+    Backward walks the gates in reverse with layouts of its own (``backward`` lists them in the order they
+    run). Each gate's weight gradient is one plain 2-D GEMM with the tokens in the long reduction (batched
+    weight gradients lose cuBLAS's split-K: 11x slower, measured): so a gate's forward input and the
+    gradient of its output have the pair at one end and the other axes in the same order. The forward
+    input of the first gate is x's own layout; the last forward layout and the first backward one are free
+    (the difference that crops Δy and the copy of Δy's gradient move the axes anyway).
+    The search (over the gate orders that keep gates sharing an axis in einsum order; per gate, the pair of
+    layouts forward input and output gradient) minimises copies first (``_COPY``; a copy that gathers
+    scattered floats costs ``_SCATTERED`` more), then extra kernels a layer, hand-allocated outputs and
+    permuted gate matrices. 4 axes: 1 copy forward + 1 backward a layer, where plain 2-D GEMMs (the pair
+    at an end of every layout) took 4 + 4; 3 axes: 0 + 1. More than 4 axes: each gate's pair moved last.
     """
     return _plan(n_axes)
 
@@ -164,97 +176,322 @@ def _scattered(old, new) -> int:
     return 0 if kept >= 2 else 1
 
 
+# plan costs: a full-state copy; more when it gathers scattered floats; one more kernel a layer (a second
+# chain's GEMM, a weight gradient permuted into T's layout); an output buffer allocated by hand (host only);
+# a gate matrix in the other pair order (the bank builds it once a step for all layers)
+_COPY, _SCATTERED, _SMALL, _ALLOC, _FLIP = 1000, 20, 10, 3, 1
+
+
+def _natural(pair):
+    """(a, b) -> the pair's order in memory that T_ab [n_b, n_a, n_b, n_a] reshaped to a matrix assumes."""
+    return pair[1], pair[0]
+
+
+def _operand_views(layout, pair):
+    """The ways a gate on ``pair`` reads ``layout`` as a strided [batch, pair, free] stack: (batch, free)."""
+    i = next((k for k in range(len(layout) - 1) if set(layout[k:k + 2]) == set(pair)), None)
+    if i is None:
+        return []
+    left, right = layout[:i], layout[i + 2:]
+    if left and right:
+        return [(left, right)]                      # [batch, pair, free]: free innermost
+    rest = left or right
+    views = [(rest[:k], rest[k:]) for k in range(len(rest))]       # [pair, batch, free] / [batch, free, pair]
+    if not right:
+        views += [(rest[k:], rest[:k]) for k in range(1, len(rest))]   # [free, batch, pair]
+    return views
+
+
+def _tall(batch, free) -> bool:
+    return not batch or TOKENS in free
+
+
+@functools.lru_cache(maxsize=8192)
+def _gate_outputs(layout, pair):
+    """{layout_out: (batch, free, natural)} a gate on ``pair`` can write from ``layout`` without a copy;
+    ``natural``: the layout a GEMM returns by itself ([batch, pair, free] or [batch, free, pair] contiguous),
+    else the GEMM writes into a buffer allocated for it."""
+    out = {}
+    for batch, free in _operand_views(layout, pair):
+        if not _tall(batch, free):
+            continue
+        for order in (pair, pair[::-1]):
+            groups = {"b": batch, "p": order, "f": free}
+            for arrangement in itertools.permutations("bpf"):
+                if not groups[arrangement[-1]] or arrangement[-1] == "b":
+                    continue
+                new = tuple(s for name in arrangement for s in groups[name])
+                rank = (bool(batch), not (arrangement[0] == "b" or not batch))
+                if new not in out or rank < out[new][1]:                  # prefer unbatched, then natural
+                    out[new] = ((batch, free, not rank[1]), rank)
+    return {new: value for new, (value, _) in out.items()}
+
+
+def _pair_in(layout, pair):
+    return tuple(s for s in layout if s in pair)
+
+
+def _flips(pair, *layouts) -> int:
+    """1 when a layout holds ``pair`` in the other order than T's: the gate matrix (or its gradient) is then
+    permuted, a small copy."""
+    return int(any(_pair_in(layout, pair) != _natural(pair) for layout in layouts))
+
+
+def _ends(layouts, pair):
+    """Layouts with ``pair`` at one end."""
+    return [layout for layout in layouts if set(layout[:2]) == set(pair) or set(layout[-2:]) == set(pair)]
+
+
+@functools.lru_cache(maxsize=65536)
+def _step_cost(layout, pair, target, backward):
+    """Cheapest way for a gate on ``pair`` to take ``layout`` to ``target`` (a copy if it cannot write it):
+    (cost, out). Backward runs both chains as one GEMM only without a batch group (else one a chain, into one
+    allocated buffer); forward runs the chains apart."""
+    best = None
+    for out, (batch, free, natural) in _gate_outputs(layout, pair).items():
+        if backward and batch:
+            cost = _SMALL + _ALLOC
+        else:
+            cost = 0 if natural else _ALLOC * (1 if backward else 2)
+        cost += _FLIP * _flips(pair, layout, out) + (
+            0 if out == target else _COPY + _SCATTERED * _scattered(out, target))
+        if best is None or cost < best[0]:
+            best = (cost, out)
+    return best
+
+
+def _orders(pairs):
+    """Every order of the gates that keeps gates sharing an axis in einsum order."""
+    preds = [{i for i in range(j) if set(pairs[i]) & set(pairs[j])} for j in range(len(pairs))]
+    return [order for order in itertools.permutations(range(len(pairs)))
+            if all(preds[g] <= set(order[:k]) for k, g in enumerate(order))]
+
+
+def _grad_layouts(layout, pair):
+    """Layouts the gradient of a gate's output may take for a plain weight-gradient GEMM against the gate's
+    input in ``layout``: the other axes in the same order, the pair at one end."""
+    rest = tuple(s for s in layout if s not in pair)
+    return [x for p in (pair, pair[::-1]) for x in (rest + p, p + rest)]
+
+
+def _end_cost(layout, pair, start):
+    """The last gate's cheapest output (any layout: the chains' difference moves the axes to ``start``)."""
+    return min((_FLIP * _flips(pair, layout, out) + _SCATTERED * _scattered(out, start)
+                + (0 if natural else _ALLOC), out) for out, (_, _, natural) in _gate_outputs(layout, pair).items())
+
+
 @functools.lru_cache(maxsize=16)
 def _plan(n: int):
     pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
-    preds = [sum(1 << i for i in range(j) if set(pairs[i]) & set(pairs[j])) for j in range(len(pairs))]
-    done, start = (1 << len(pairs)) - 1, (TOKENS, *range(n))
+    start = (TOKENS, *range(n))
     if n > 4:          # the search grows fast; there, move each gate's two axes to the back (one copy a gate)
         return _greedy_plan(pairs, start)
-
-    def available(mask):
-        return [g for g in range(len(pairs)) if not mask >> g & 1 and preds[g] & mask == preds[g]]
-
-    def moves(layout, mask):   # copies worth making: an available gate's pair to an end, the rest in any order
-        out = set()
-        for g in available(mask):
-            for p in (pairs[g], pairs[g][::-1]):
-                for rest in itertools.permutations(s for s in layout if s not in p):
-                    out.update((p + rest, rest + p))
-        out.discard(layout)
-        return out
-
-    copy, scattered = 100, 2   # a copy costs far more than a scattered one's extra, which costs more than a flip
-    heap, seen, tie = [(0, 0, 0, start, ())], set(), itertools.count(1)
-    while heap:
-        cost, _, mask, layout, steps = heapq.heappop(heap)
-        if mask == done:
-            if steps and steps[-1] == "end":
-                return steps[:-1]
-            heapq.heappush(heap, (cost + scattered * _scattered(layout, start), next(tie), mask, layout,
-                                  steps + ("end",)))
+    layouts = list(itertools.permutations(start))
+    best = None
+    for order in _orders(pairs):
+        # per gate k: (its forward input's layout, its output gradient's layout) -> (cost, path)
+        first = pairs[order[0]]
+        if not _ends([start], first):
             continue
-        if (layout, mask) in seen:
-            continue
-        seen.add((layout, mask))
-        for g in available(mask):
-            for side in ("L", "R"):
-                pair = layout[:2] if side == "L" else layout[-2:]
-                if set(pair) == set(pairs[g]):
-                    rest = layout[2:] if side == "L" else layout[:-2]
-                    for out in ("R", "L"):
-                        new = pair + rest if out == "L" else rest + pair
-                        flip = pair[0] != pairs[g][1]   # T's gradient then needs a copy into T's layout
-                        heapq.heappush(heap, (cost + flip, next(tie), mask | 1 << g, new,
-                                              steps + (("gate", g, layout, new, side, out),)))
-        for new in moves(layout, mask):
-            heapq.heappush(heap, (cost + copy + scattered * _scattered(layout, new), next(tie), mask, new,
-                                  steps + (("perm", new),)))
-    raise AssertionError("no plan")  # pragma: no cover
+        states = {(start, b): (_SMALL * _flips(first, start, b), ((start, b),)) for b in _grad_layouts(start, first)}
+        for k in range(1, len(order)):
+            prev, pair = pairs[order[k - 1]], pairs[order[k]]
+            new = {}
+            for (f, b), (cost, path) in states.items():
+                for f2 in _ends(layouts, pair):
+                    fwd = _step_cost(f, prev, f2, False)
+                    if fwd is None:
+                        continue
+                    for b2 in _grad_layouts(f2, pair):
+                        bwd = _step_cost(b2, pair, b, True)
+                        if bwd is None:
+                            continue
+                        total = cost + fwd[0] + bwd[0] + _SMALL * _flips(pair, f2, b2)   # the weight gradient's
+                        if (f2, b2) not in new or total < new[(f2, b2)][0]:
+                            new[(f2, b2)] = (total, path + ((f2, b2),))
+            states = new
+        last = pairs[order[-1]]
+        for (f, b), (cost, path) in states.items():
+            total = cost + _end_cost(f, last, start)[0] + _SCATTERED * _scattered(start, b)
+            if best is None or total < best[0]:
+                best = (total, order, path)
+    _, order, path = best
+    return _steps(order, path, pairs, start)
 
 
-@functools.lru_cache(maxsize=16)
-def _flipped(n: int):
-    """Per gate: whether the fused node uses it with its pair in the (a, b) order, i.e. T_ab permuted."""
-    pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
-    out = [False] * len(pairs)
-    for step in plan(n):
-        if step[0] == "gate":
-            _, g, layout_in, _, side_in, _ = step
-            pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
-            out[g] = pair[0] != pairs[g][1]
-    return tuple(out)
+def _steps(order, path, pairs, start):
+    """The forward and backward step lists of one planned path (see :func:`plan`)."""
+    forward, backward = [], []
+    for k, g in enumerate(order):
+        f = path[k][0]
+        out = _step_cost(f, pairs[g], path[k + 1][0], False)[1] if k + 1 < len(order) else \
+            _end_cost(f, pairs[g], start)[1]
+        forward.append(("gate", g, f, out, *_gate_outputs(f, pairs[g])[out][:2]))
+        if k + 1 < len(order) and out != path[k + 1][0]:
+            forward.append(("perm", out, path[k + 1][0]))
+    for k in range(len(order) - 1, -1, -1):
+        g, b = order[k], path[k][1]
+        out = _step_cost(b, pairs[g], path[k - 1][1], True)[1] if k else _end_cost(b, pairs[g], start)[1]
+        backward.append(("gate", g, b, out, *_gate_outputs(b, pairs[g])[out][:2]))
+        if k and out != path[k - 1][1]:
+            backward.append(("perm", out, path[k - 1][1]))
+    return tuple(forward), tuple(backward)
 
 
-def _greedy_plan(pairs, layout):
-    steps = []
+def _greedy_plan(pairs, start):
+    forward, backward, layout = [], [], start
     for g, (a, b) in enumerate(pairs):
         new = tuple(s for s in layout if s not in (a, b)) + (b, a)
         if new != layout:
-            steps.append(("perm", new))
-        steps.append(("gate", g, new, new, "R", "R"))
+            forward.append(("perm", layout, new))
+        forward.append(("gate", g, new, new, (), new[:-2]))
         layout = new
-    return tuple(steps)
+    for step in reversed(forward):
+        backward.append(("perm", step[2], step[1]) if step[0] == "perm" else step)
+    return tuple(forward), tuple(backward)
 
 
-def _sizes(layout, dims, tokens):
-    return [tokens if s == TOKENS else dims[s] for s in layout]
+@functools.lru_cache(maxsize=16)
+def _orientations(n: int):
+    """Per gate, how its planned layouts hold its pair, as (out, in) flags (True: the other order than T's
+    (b, a)): the forward GEMM's matrix, the backward GEMM's matrix (before its transpose), and the weight
+    gradient's [output gradient's pair, input's pair]."""
+    pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
+    forward, backward = plan(n)
+
+    def flip(g, layout):
+        return _pair_in(layout, pairs[g]) != _natural(pairs[g])
+
+    fwd = {s[1]: (flip(s[1], s[3]), flip(s[1], s[2])) for s in forward if s[0] == "gate"}
+    bwd = {s[1]: (flip(s[1], s[2]), flip(s[1], s[3])) for s in backward if s[0] == "gate"}
+    grad = {g: (bwd[g][0], fwd[g][1]) for g in fwd}
+    return tuple((fwd[g], bwd[g], grad[g]) for g in range(len(pairs)))
 
 
-def _stacked(t_gate, s_gate, pair, b_axis):
-    """Gates T and S [n_b, n_a, n_b, n_a] as [2, out, in] fp32 matrices over the layout's pair order (one copy)."""
-    size = t_gate.shape[0] * t_gate.shape[1]
-    both = [t_gate.float(), s_gate.float()]
-    return torch.stack(both if pair[0] == b_axis else [g.permute(1, 0, 3, 2) for g in both]).reshape(2, size, size)
+def _orient(gates, out_flip: bool, in_flip: bool):
+    """Gates [..., n_b, n_a, n_b, n_a] -> matrices [..., out, in] with each side's pair in (b, a) order, or in
+    (a, b) order where flipped (a copy then, else a view)."""
+    lead, (n_b, n_a) = gates.dim() - 4, gates.shape[-2:]
+    order = list(range(gates.dim()))
+    if out_flip:
+        order[lead], order[lead + 1] = lead + 1, lead
+    if in_flip:
+        order[lead + 2], order[lead + 3] = lead + 3, lead + 2
+    return gates.permute(order).reshape(*gates.shape[:lead], n_b * n_a, n_b * n_a)
+
+
+def _unorient(grad, shape, out_flip: bool, in_flip: bool):
+    """Inverse of :func:`_orient` for a gradient [out, in] -> ``shape`` [n_b, n_a, n_b, n_a]."""
+    n_b, n_a = shape[:2]
+    out_shape, in_shape = ((n_a, n_b) if out_flip else (n_b, n_a)), ((n_a, n_b) if in_flip else (n_b, n_a))
+    order = [1, 0] if out_flip else [0, 1]
+    order += [3, 2] if in_flip else [2, 3]
+    return grad.view(*out_shape, *in_shape).permute(order).contiguous()   # one copy where flipped (autograd took two)
+
+
+def _gate_mats(t_gate, s_gate, orientation):
+    """A gate's (T, S) matrices [2, out, in] in fp32 as the node's forward and backward GEMMs use them."""
+    both = torch.stack([t_gate.float(), s_gate.float()])
+    return _orient(both, *orientation[0]), _orient(both, *orientation[1])
+
+
+def _strides(layout, sizes):
+    """Element strides of a contiguous tensor stored in ``layout`` order: {axis: stride}."""
+    out, stride = {}, 1
+    for axis in reversed(layout):
+        out[axis] = stride
+        stride *= sizes[axis]
+    return out
+
+
+def _group(axes, strides, sizes):
+    """(size, stride) of a group of axes that sit together in memory (size 1 for no axes)."""
+    return (math.prod(sizes[a] for a in axes), strides[axes[-1]]) if axes else (1, 0)
+
+
+class _Gemm:
+    """One planned gate for a token count: the strided [batch, pair, free] views of its input and output, and
+    the [other axes, pair] view of its input for the weight gradient."""
+
+    def __init__(self, step, sizes):
+        _, self.g, layout_in, layout_out, batch, free = step
+        pair = tuple(s for s in layout_in if s not in batch + free)
+        s_in, s_out = _strides(layout_in, sizes), _strides(layout_out, sizes)
+        (nb, bs_in), (np_, ps_in), (nf, fs_in) = (_group(a, s_in, sizes) for a in (batch, pair, free))
+        pair_out = tuple(s for s in layout_out if s in pair)         # the matrix's rows, in the output's order
+        bs_out, ps_out, fs_out = (_group(a, s_out, sizes)[1] for a in (batch, pair_out, free))
+        self.shape, self.stride_in, self.stride_out = (nb, np_, nf), (bs_in, ps_in, fs_in), (bs_out, ps_out, fs_out)
+        self.batched, self.numel = bool(batch), math.prod(sizes.values())
+        self.sizes_out = tuple(sizes[a] for a in layout_out)
+        rest = tuple(s for s in layout_in if s not in pair)       # together in memory: the pair is at one end
+        self.rows_shape, self.rows_stride = (self.numel // np_, np_), (s_in[rest[-1]], s_in[pair[-1]])
+
+    def apply(self, mats, state):
+        """out[c] = mats[c] @ state[c] on the pair's axes for each chain c: mats [chains, out, in], state
+        [chains, layout_in...] contiguous -> [chains, layout_out...]. Where the output layout is the one a GEMM
+        returns ([batch, pair, free], or [batch, free, pair] computed as state^T @ mats^T), the GEMM allocates
+        it; else it writes into a buffer through a strided view."""
+        chains, (nb, np_, nf) = state.shape[0], self.shape
+        if not self.batched:                     # [chains, pair, free]: one GEMM (a plain one for one chain)
+            src = state.as_strided((chains, np_, nf), (self.numel, *self.stride_in[1:]))
+            gemm = torch.mm if chains == 1 else torch.bmm
+            if chains == 1:
+                mats, src = mats[0], src[0]
+            if self.stride_out[1:] == (nf, 1):
+                return gemm(mats, src).view(chains, *self.sizes_out)
+            if self.stride_out[1:] == (1, np_):
+                return gemm(src.mT, mats.mT).view(chains, *self.sizes_out)
+            out = torch.empty(chains, *self.sizes_out, dtype=state.dtype, device=state.device)
+            dst = out.as_strided((chains, np_, nf), (self.numel, *self.stride_out[1:]))
+            gemm(mats, src, out=dst if chains > 1 else dst[0])
+            return out
+        if chains == 1:                          # [batch, pair, free], one chain
+            src, mat = state[0].as_strided(self.shape, self.stride_in), mats[0].expand(nb, -1, -1)
+            if self.stride_out == (np_ * nf, nf, 1):
+                return torch.bmm(mat, src).view(1, *self.sizes_out)
+            if self.stride_out == (np_ * nf, 1, np_):
+                return torch.bmm(src.mT, mat.mT).view(1, *self.sizes_out)
+        out = torch.empty(chains, *self.sizes_out, dtype=state.dtype, device=state.device)
+        for c in range(chains):                  # one batched GEMM a chain, into one buffer for both
+            torch.bmm(mats[c].expand(nb, -1, -1), state[c].as_strided(self.shape, self.stride_in),
+                      out=out[c].as_strided(self.shape, self.stride_out))
+        return out
+
+    def rows(self, state):
+        """One chain's state in ``layout_in`` as [other axes, pair] (a strided view, no copy)."""
+        return state.as_strided(self.rows_shape, self.rows_stride)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(dims: tuple, tokens: int):
+    """:func:`plan` worked out for ``tokens``: every GEMM's strided views and every copy's permutation order, so
+    that a call of the node is a loop over tensor ops. Returns ``(forward, backward, orders, first_sizes)``:
+    steps ("gate", :class:`_Gemm`) or ("perm", order over [chains, layout...]); ``orders`` are the permutations
+    to [tokens, axes...] of the last forward layout, the first backward one and the last backward one (no
+    chain dimension); ``first_sizes`` the first backward layout's sizes."""
+    start = (TOKENS, *range(len(dims)))
+    sizes = {TOKENS: tokens, **dict(enumerate(dims))}
+    forward, backward = plan(len(dims))
+
+    def compile_steps(steps):
+        return tuple(("perm", (0, *(1 + step[1].index(s) for s in step[2]))) if step[0] == "perm"
+                     else ("gate", _Gemm(step, sizes)) for step in steps)
+
+    def to_start(layout):
+        return tuple(layout.index(s) for s in start)
+
+    first_b = backward[0][2]
+    orders = (to_start(forward[-1][3]), to_start(first_b), to_start(backward[-1][3]))
+    return compile_steps(forward), compile_steps(backward), orders, tuple(sizes[s] for s in first_b)
 
 
 class _QuantaChains(torch.autograd.Function):
     """Both circuits, M(T)x and M(S)x, in one autograd node over :func:`plan`'s layouts. Forward keeps the two
-    states apart (plain GEMMs) so that only T's gate inputs are kept for backward, and x in its own dtype;
-    backward carries both chains' gradients as one stacked state [2, layout...]: each gate one batched GEMM
-    and each axis move one copy for both. T's gate gradients are plain 2-D GEMMs with the token axis as the
-    (long) reduction, which keeps cuBLAS's split-K kernels (a batched weight-gradient GEMM lost them and
-    ran 11x slower). S has no gradient; when x needs none either, only T's chain runs backward.
+    states apart so that only T's gate inputs are kept for backward, and x in its own dtype; backward carries
+    both chains' gradients as one stacked state [2, layout...] (a GEMM for both where a gate has no batch
+    group, one a chain where it has; one copy for both). T's gate gradients are plain 2-D GEMMs with the
+    token axis in the (long) reduction, which keeps cuBLAS's split-K kernels (a batched weight-gradient GEMM
+    lost them and ran 11x slower). S has no gradient; when x needs none either, only T's chain runs backward.
     """
 
     @staticmethod
@@ -271,108 +508,68 @@ class _QuantaChains(torch.autograd.Function):
     def _forward(ctx, x, dims, pad, out_features, out_dtype, banked, n_gates, *gates):
         t_gates, s_gates = gates[:n_gates], gates[n_gates:]
         tokens = x.shape[0]
-        program, final, _ = _program(tuple(dims), tokens)
+        forward, _, orders, _ = _program(tuple(dims), tokens)
+        orients = _orientations(len(dims))
         first = _padded_fp32(x, pad, dims)
-        states, saved, stacked = [first, first], [], []
-        for step in program:
-            if step[0] == "perm":
-                states = [state.permute(step[1]).contiguous() for state in states]
+        states, saved, stacked = [first, first], [None] * n_gates, [None] * n_gates
+        for kind, step in forward:
+            if kind == "perm":
+                states = [state.permute(step).contiguous() for state in states]
                 continue
-            _, g, side_in, side_out, size, _, out_sizes, pair, b_axis = step
-            mats = banked[g] if banked is not None else _stacked(t_gates[g], s_gates[g], pair, b_axis)
-            stacked.append(mats)
+            g = step.g
+            mats, stacked[g] = banked[g] if banked is not None else _gate_mats(t_gates[g], s_gates[g], orients[g])
             # T's gate inputs only (its gradients need them); the first is x itself, kept in its own dtype
-            saved.append(x if not saved else states[0])
-            outs = []
-            for state, mat in zip(states, mats):     # T and S: two plain GEMMs, separate states (S's not kept)
-                inp = state.reshape(size, -1) if side_in == "L" else state.reshape(-1, size).mT    # [size, R]
-                outs.append((mat @ inp if side_out == "L" else inp.mT @ mat.mT).reshape(out_sizes))
-            states = outs
+            saved[g] = x if states[0] is first else states[0]
+            states = [step.apply(mats[c:c + 1], state) for c, state in enumerate(states)]   # T and S apart
         delta = torch.empty(tokens, *dims, dtype=out_dtype, device=x.device)
+        final = (0, *(1 + k for k in orders[0]))
         torch.sub(states[0].permute(final)[0], states[1].permute(final)[0], out=delta)  # one kernel: difference, layout, cast
-        ctx.meta = (dims, pad, out_features, x.dtype, x.shape[1], len(gates) - n_gates)
+        ctx.meta = (dims, pad, out_features, x.dtype, x.shape[1], n_gates, forward[0][1].g,
+                    tuple(t.shape for t in t_gates))
         ctx.save_for_backward(*saved, *stacked)
         return delta.reshape(tokens, -1)[:, :out_features]
 
     @staticmethod
     def _backward(ctx, grad):
-        dims, pad, out_features, x_dtype, d_in, n_gates = ctx.meta
+        dims, pad, out_features, x_dtype, d_in, n_gates, first_gate, shapes = ctx.meta
         tensors = ctx.saved_tensors  # once: under checkpointing a second unpack raises
         saved, stacked = tensors[:n_gates], tensors[n_gates:]
         tokens, need_x = grad.shape[0], ctx.needs_input_grad[0]
-        program, final, end_sizes = _program(tuple(dims), tokens)
+        forward, backward, orders, first_sizes = _program(tuple(dims), tokens)
+        orients = _orientations(len(dims))
+        fwd_of = {step.g: step for kind, step in forward if kind == "gate"}
         chains = 2 if need_x else 1                     # S's chain only carries x's gradient
         full = grad.new_zeros(tokens, math.prod(dims)) if out_features < math.prod(dims) else None
         if full is not None:
             full[:, :out_features] = grad
             grad = full
-        g_state = torch.empty(chains, *end_sizes, dtype=torch.float32, device=grad.device)
-        canonical = g_state.permute(final)
+        g_state = torch.empty(chains, *first_sizes, dtype=torch.float32, device=grad.device)
+        canonical = g_state.permute(0, *(1 + k for k in orders[1]))
         canonical.copy_(grad.reshape(1, tokens, *dims).expand(chains, *canonical.shape[1:]))
         t_grads = [None] * n_gates
-        index = n_gates
-        for step in reversed(program):
-            if step[0] == "perm":
-                g_state = g_state.permute(step[2]).contiguous()
+        for kind, step in backward:
+            if kind == "perm":
+                g_state = g_state.permute(step).contiguous()
                 continue
-            _, g, side_in, side_out, size, in_sizes, _, pair, b_axis = step
-            index -= 1
-            g_out = g_state.reshape(chains, size, -1) if side_out == "L" else g_state.reshape(chains, -1, size).mT
-            inp = saved[index] if index else _padded_fp32(saved[0], pad, dims)     # x: cast again, not kept in fp32
-            if ctx.needs_input_grad[7 + g]:                                        # [size_out, size_in]
-                grad_t = g_out[0] @ (inp.reshape(size, -1).mT if side_in == "L" else inp.reshape(-1, size))
-                t_grads[g] = _unoriented(grad_t, pair, b_axis, dims)
-            if index == 0 and not need_x:
+            g = step.g
+            if ctx.needs_input_grad[7 + g]:             # [out, in] = (output gradient rows)^T @ (input rows)
+                inp = saved[g] if g != first_gate else _padded_fp32(saved[g], pad, dims)[0]   # x: cast again
+                t_grads[g] = _unorient(step.rows(g_state[0]).mT @ fwd_of[g].rows(inp), shapes[g], *orients[g][2])
+            if g == first_gate and not need_x:
                 break
-            mats = stacked[index][:chains]
-            if side_in == "L":
-                g_in = mats.mT @ g_out
-            else:
-                g_in = g_out.mT @ mats
-            g_state = g_in.reshape(chains, *in_sizes[1:])
+            g_state = step.apply(stacked[g][:chains].mT, g_state)
         grad_x = None
         if need_x:
             grad_x = torch.empty(tokens, *dims, dtype=x_dtype, device=grad.device)
-            torch.sub(g_state[0], g_state[1], out=grad_x)
+            torch.sub(g_state[0].permute(orders[2]), g_state[1].permute(orders[2]), out=grad_x)
             grad_x = grad_x.reshape(tokens, -1)[:, :d_in]
         return (grad_x, None, None, None, None, None, None, *t_grads, *([None] * n_gates))
 
 
-@functools.lru_cache(maxsize=64)
-def _program(dims: tuple, tokens: int):
-    """:func:`plan` worked out for ``tokens``: every permutation order (forward and back) and every GEMM's shapes,
-    so that a call of the node is a loop over tensor ops. Steps: ("perm", order, order_back) or ("gate", g,
-    side_in, side_out, size, sizes_in, sizes_out, pair, b_axis). Also the order that permutes the last layout
-    to [tokens, axes...], and the last layout's sizes."""
-    n = len(dims)
-    pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
-    start = (TOKENS, *range(n))
-    steps, layout = [], start
-    for step in plan(n):
-        if step[0] == "perm":
-            steps.append(("perm", (0, *(1 + layout.index(s) for s in step[1])),
-                          (0, *(1 + step[1].index(s) for s in layout))))
-            layout = step[1]
-            continue
-        _, g, layout_in, layout_out, side_in, side_out = step
-        pair = layout_in[:2] if side_in == "L" else layout_in[-2:]
-        steps.append(("gate", g, side_in, side_out, dims[pair[0]] * dims[pair[1]],
-                      (1, *_sizes(layout_in, dims, tokens)), (1, *_sizes(layout_out, dims, tokens)), pair, pairs[g][1]))
-        layout = layout_out
-    final = (0, *(1 + layout.index(s) for s in start))
-    return tuple(steps), final, tuple(_sizes(layout, dims, tokens))
-
-
 def _padded_fp32(x, pad, dims):
-    """x [tokens, d_in] (any float dtype) -> fp32 [1, tokens, *dims], zero-padded to prod(dims)."""
-    return (nn.functional.pad(x.float(), (0, pad)) if pad else x.float()).reshape(1, x.shape[0], *dims)
-
-
-def _unoriented(mat, pair, b_axis, dims):
-    """Inverse of :func:`_stacked`'s orientation for a gradient: [out, in] -> [n_b, n_a, n_b, n_a]."""
-    first, second = dims[pair[0]], dims[pair[1]]
-    grad = mat.reshape(first, second, first, second)
-    return grad if pair[0] == b_axis else grad.permute(1, 0, 3, 2)
+    """x [tokens, d_in] (any float dtype) -> contiguous fp32 [1, tokens, *dims], zero-padded to prod(dims)."""
+    x = nn.functional.pad(x.float(), (0, pad)) if pad else x.float()
+    return x.contiguous().reshape(1, x.shape[0], *dims)
 
 
 def dense(gates, dims):
@@ -414,19 +611,18 @@ class QuantaDelta(nn.Module):
         return tuple(self.T)
 
     def build_bank(self, deltas):
-        """Per layer, the fused node's [2, size, size] (T, S) matrix of each gate, oriented as its plan uses it:
-        built for all layers at once a step (one stack, and one copy where the orientation permutes, a gate),
-        which took a stack a gate a layer. No graph: the node computes T's gradients itself. ``None`` per
-        layer where the per-gate path runs (CPUs by default)."""
+        """Per layer, each gate's (forward, backward) [2, out, in] (T, S) matrices, oriented as the fused node's
+        plan uses them: built for all layers at once a step (one stack a gate, one copy a flipped orientation),
+        which took a stack (and a copy) a gate a layer. No graph: the node computes T's gradients itself.
+        ``None`` per layer where the per-gate path runs (CPUs by default)."""
         if not fused_default(self.T[0].is_cuda):
             return [None] * len(deltas)
         gates = []
         with torch.no_grad():
-            for g, flip in enumerate(_flipped(len(self.dims))):
+            for g, orientation in enumerate(_orientations(len(self.dims))):
                 both = torch.stack([m.float() for d in deltas for m in (d.T[g], getattr(d, f"S{g}"))])
-                both = both.permute(0, 2, 1, 4, 3) if flip else both
-                size = both.shape[1] * both.shape[2]
-                gates.append(both.reshape(len(deltas), 2, size, size).unbind(0))
+                both = both.unflatten(0, (len(deltas), 2))
+                gates.append(list(zip(*(_orient(both, *o).unbind(0) for o in orientation[:2]))))
         return list(zip(*gates))
 
     casts_input = True      # takes x in the base dtype: the fp32 cast is fused into the first copy
