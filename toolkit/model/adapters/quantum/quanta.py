@@ -115,7 +115,7 @@ def quanta_update(x, t_gates, s_gates, dims, pad: int, out_features: int, out_dt
     """
     if fused is None:
         fused = fused_default(x.is_cuda)
-    if not fused:
+    if not fused or not t_gates:           # one axis: no gate, Δy = 0 (the plan needs a gate)
         out = reference_update(x.float(), [t.float() for t in t_gates], [s.float() for s in s_gates], dims, pad,
                                out_features)
         return out.to(out_dtype or torch.float32)
@@ -284,7 +284,7 @@ def _end_cost(layout, pair, start):
 def _plan(n: int):
     pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
     start = (TOKENS, *range(n))
-    if n > 4:          # the search grows fast; there, move each gate's two axes to the back (one copy a gate)
+    if n > 4 or not pairs:   # the search grows fast; there, move each gate's two axes to the back (one copy a gate)
         return _greedy_plan(pairs, start)
     layouts = list(itertools.permutations(start))
     best = None
