@@ -272,13 +272,14 @@ def test_quanta_fused_chains_take_bf16_input_and_weights_and_compute_in_fp32():
     assert x.grad.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in t_gates)
 
 
-@pytest.mark.parametrize("n_axes, copies", [(2, (0, 0)), (3, (0, 1)), (4, (1, 1)), (5, (9, 9))])
+@pytest.mark.parametrize("n_axes, copies", [(2, (0, 0)), (3, (0, 0)), (4, (1, 1)), (5, (9, 9))])
 def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
     """The layout plan: each gate once forward and once backward (in reverse), gates sharing an axis in einsum
     order, each gate's pair next to each other in its input, every GEMM tall (no batch, or the tokens among
     the free axes), each weight gradient a plain GEMM (input and output gradient with the pair at one end and
-    the other axes in the same order), and the fewest copies: 4 axes 1 forward + 1 backward, where the plan
-    with plain 2-D GEMMs only took 4 + 4."""
+    the other axes in the same order; for the first gate x's fp32 copy in backward, in :func:`quanta.x_layout`),
+    and the fewest copies: 4 axes 1 forward + 1 backward, where the plan with plain 2-D GEMMs only took 4 + 4;
+    3 axes none."""
     forward, backward = q.plan(n_axes)
     pairs = [(a % n_axes, b % n_axes) for a, b in q.axis_pairs(n_axes)]
     order = [step[1] for step in forward if step[0] == "gate"]
@@ -306,6 +307,7 @@ def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
 
     inputs = walk(forward, (q.TOKENS, *range(n_axes)))
     grads = walk(backward, None)
+    inputs[order[0]] = q.x_layout(n_axes)
     for g, pair in enumerate(pairs):
         for layout in (inputs[g], grads[g]):
             assert set(layout[:2]) == set(pair) or set(layout[-2:]) == set(pair)
@@ -318,7 +320,7 @@ def test_quanta_gemm_views_are_ones_cublas_takes_without_a_copy(dims):
     """Every GEMM of the fused node reads and writes strided [batch, rows, columns] views: each must have one
     unit stride and a large enough leading dimension (what torch's CUDA bmm/mm pass to cuBLAS as they are;
     otherwise torch copies the operand or the result, the copies the plan is there to avoid)."""
-    forward, backward, _, _ = q._program(tuple(dims), 7)
+    forward, backward, _, _, x_rows = q._program(tuple(dims), 7)
 
     def takes(shape, stride):
         _, rows, cols = shape
@@ -329,6 +331,8 @@ def test_quanta_gemm_views_are_ones_cublas_takes_without_a_copy(dims):
             assert takes(step.shape, step.stride_in) and takes(step.shape, step.stride_out), step.__dict__
             rows, cols = step.rows_shape
             assert step.rows_stride in ((cols, 1), (1, rows))                       # the weight gradient's view
+    rows, cols = x_rows.rows_shape
+    assert x_rows.rows_stride in ((cols, 1), (1, rows))
 
 
 @pytest.mark.parametrize("n, layers, circuits", [(2, 1, 2), (3, 2, 3), (4, 3, 1), (5, 2, 2), (7, 2, 2)])

@@ -152,8 +152,10 @@ def plan(n_axes: int):
     run). Each gate's weight gradient is one plain 2-D GEMM with the tokens in the long reduction (batched
     weight gradients lose cuBLAS's split-K: 11x slower, measured): so a gate's forward input and the
     gradient of its output have the pair at one end and the other axes in the same order. The forward
-    input of the first gate is x's own layout; the last forward layout and the first backward one are free
-    (the difference that crops Δy and the copy of Δy's gradient move the axes anyway).
+    input of the first gate is x's own layout; for its weight gradient backward casts x to fp32 again, into
+    the layout :func:`x_layout` says (x's own, or the output gradient's when a copy of the gradient would
+    cost more); the last forward layout and the first backward one are free (the difference that crops Δy
+    and the copy of Δy's gradient move the axes anyway).
     The search (over the gate orders that keep gates sharing an axis in einsum order; per gate, the pair of
     layouts forward input and output gradient) minimises copies first (``_COPY``; a copy that gathers
     scattered floats costs ``_SCATTERED`` more), then extra kernels a layer, hand-allocated outputs and
@@ -180,6 +182,7 @@ def _scattered(old, new) -> int:
 # chain's GEMM, a weight gradient permuted into T's layout); an output buffer allocated by hand (host only);
 # a gate matrix in the other pair order (the bank builds it once a step for all layers)
 _COPY, _SCATTERED, _SMALL, _ALLOC, _FLIP = 1000, 20, 10, 3, 1
+_X_PERMUTED = 400   # backward's fp32 copy of x (for the first gate's weight gradient) written in another layout
 
 
 def _natural(pair):
@@ -267,10 +270,14 @@ def _orders(pairs):
             if all(preds[g] <= set(order[:k]) for k, g in enumerate(order))]
 
 
+def _rest(layout, pair):
+    return tuple(s for s in layout if s not in pair)
+
+
 def _grad_layouts(layout, pair):
     """Layouts the gradient of a gate's output may take for a plain weight-gradient GEMM against the gate's
     input in ``layout``: the other axes in the same order, the pair at one end."""
-    rest = tuple(s for s in layout if s not in pair)
+    rest = _rest(layout, pair)
     return [x for p in (pair, pair[::-1]) for x in (rest + p, p + rest)]
 
 
@@ -293,7 +300,12 @@ def _plan(n: int):
         first = pairs[order[0]]
         if not _ends([start], first):
             continue
-        states = {(start, b): (_SMALL * _flips(first, start, b), ((start, b),)) for b in _grad_layouts(start, first)}
+        # the first gate's weight gradient reads x, which backward casts to fp32 again anyway: that cast may
+        # write x in the output gradient's layout (one scattered write of 32 MiB at the bench's size, where
+        # bringing the gradient back to x's layout took a 64 MiB copy)
+        states = {(start, b): ((_SMALL * _flips(first, start, b)) if _rest(b, first) == _rest(start, first)
+                               else _X_PERMUTED + _SMALL * _flips(first, b), ((start, b),))
+                  for b in _ends(layouts, first)}
         for k in range(1, len(order)):
             prev, pair = pairs[order[k - 1]], pairs[order[k]]
             new = {}
@@ -317,6 +329,14 @@ def _plan(n: int):
                 best = (total, order, path)
     _, order, path = best
     return _steps(order, path, pairs, start)
+
+
+def x_layout(n_axes: int):
+    """The layout backward's fp32 copy of x takes for the first gate's weight gradient (see :func:`plan`)."""
+    forward, backward = plan(n_axes)
+    first, grad = forward[0], backward[-1]
+    pair = tuple(s for s in first[2] if s not in first[4] + first[5])
+    return first[2] if _rest(grad[2], pair) == _rest(first[2], pair) else grad[2]
 
 
 def _steps(order, path, pairs, start):
@@ -365,6 +385,8 @@ def _orientations(n: int):
     fwd = {s[1]: (flip(s[1], s[3]), flip(s[1], s[2])) for s in forward if s[0] == "gate"}
     bwd = {s[1]: (flip(s[1], s[2]), flip(s[1], s[3])) for s in backward if s[0] == "gate"}
     grad = {g: (bwd[g][0], fwd[g][1]) for g in fwd}
+    first = forward[0][1]
+    grad[first] = (bwd[first][0], flip(first, x_layout(n)))          # x's fp32 copy may sit in another layout
     return tuple((fwd[g], bwd[g], grad[g]) for g in range(len(pairs)))
 
 
@@ -462,13 +484,36 @@ class _Gemm:
         return state.as_strided(self.rows_shape, self.rows_stride)
 
 
+class _XRows:
+    """x as the first gate's weight gradient reads it: cast to fp32 (and zero-padded) into :func:`x_layout`."""
+
+    def __init__(self, layout, step, sizes, start):
+        pair = tuple(s for s in step[2] if s not in step[4] + step[5])
+        strides, rest = _strides(layout, sizes), _rest(layout, pair)
+        numel, size = math.prod(sizes.values()), math.prod(sizes[a] for a in pair)
+        self.rows_shape, self.rows_stride = (numel // size, size), (strides[rest[-1]], strides[pair[-1]])
+        self.sizes, self.order = tuple(sizes[a] for a in layout), tuple(layout.index(a) for a in start)
+        self.moved = layout != start
+
+    def __call__(self, x, pad, dims):
+        if not self.moved:
+            flat = _padded_fp32(x, pad, dims)
+        else:
+            flat = torch.empty(self.sizes, dtype=torch.float32, device=x.device)
+            x = nn.functional.pad(x, (0, pad)) if pad else x
+            flat.permute(self.order).copy_(x.reshape(x.shape[0], *dims))   # one kernel: cast and move
+        return flat.as_strided(self.rows_shape, self.rows_stride)
+
+
 @functools.lru_cache(maxsize=64)
 def _program(dims: tuple, tokens: int):
     """:func:`plan` worked out for ``tokens``: every GEMM's strided views and every copy's permutation order, so
-    that a call of the node is a loop over tensor ops. Returns ``(forward, backward, orders, first_sizes)``:
+    that a call of the node is a loop over tensor ops. Returns ``(forward, backward, orders, first_sizes,
+    x_rows)``:
     steps ("gate", :class:`_Gemm`) or ("perm", order over [chains, layout...]); ``orders`` are the permutations
     to [tokens, axes...] of the last forward layout, the first backward one and the last backward one (no
-    chain dimension); ``first_sizes`` the first backward layout's sizes."""
+    chain dimension); ``first_sizes`` the first backward layout's sizes; ``x_rows`` makes the first gate's
+    weight-gradient view of x (:class:`_XRows`)."""
     start = (TOKENS, *range(len(dims)))
     sizes = {TOKENS: tokens, **dict(enumerate(dims))}
     forward, backward = plan(len(dims))
@@ -482,7 +527,8 @@ def _program(dims: tuple, tokens: int):
 
     first_b = backward[0][2]
     orders = (to_start(forward[-1][3]), to_start(first_b), to_start(backward[-1][3]))
-    return compile_steps(forward), compile_steps(backward), orders, tuple(sizes[s] for s in first_b)
+    x_rows = _XRows(x_layout(len(dims)), forward[0], sizes, start)
+    return compile_steps(forward), compile_steps(backward), orders, tuple(sizes[s] for s in first_b), x_rows
 
 
 class _QuantaChains(torch.autograd.Function):
@@ -508,7 +554,7 @@ class _QuantaChains(torch.autograd.Function):
     def _forward(ctx, x, dims, pad, out_features, out_dtype, banked, n_gates, *gates):
         t_gates, s_gates = gates[:n_gates], gates[n_gates:]
         tokens = x.shape[0]
-        forward, _, orders, _ = _program(tuple(dims), tokens)
+        forward, _, orders, _, _ = _program(tuple(dims), tokens)
         orients = _orientations(len(dims))
         first = _padded_fp32(x, pad, dims)
         states, saved, stacked = [first, first], [None] * n_gates, [None] * n_gates
@@ -535,7 +581,7 @@ class _QuantaChains(torch.autograd.Function):
         tensors = ctx.saved_tensors  # once: under checkpointing a second unpack raises
         saved, stacked = tensors[:n_gates], tensors[n_gates:]
         tokens, need_x = grad.shape[0], ctx.needs_input_grad[0]
-        forward, backward, orders, first_sizes = _program(tuple(dims), tokens)
+        forward, backward, orders, first_sizes, x_rows = _program(tuple(dims), tokens)
         orients = _orientations(len(dims))
         fwd_of = {step.g: step for kind, step in forward if kind == "gate"}
         chains = 2 if need_x else 1                     # S's chain only carries x's gradient
@@ -553,8 +599,8 @@ class _QuantaChains(torch.autograd.Function):
                 continue
             g = step.g
             if ctx.needs_input_grad[7 + g]:             # [out, in] = (output gradient rows)^T @ (input rows)
-                inp = saved[g] if g != first_gate else _padded_fp32(saved[g], pad, dims)[0]   # x: cast again
-                t_grads[g] = _unorient(step.rows(g_state[0]).mT @ fwd_of[g].rows(inp), shapes[g], *orients[g][2])
+                rows = fwd_of[g].rows(saved[g]) if g != first_gate else x_rows(saved[g], pad, dims)  # x: cast again
+                t_grads[g] = _unorient(step.rows(g_state[0]).mT @ rows, shapes[g], *orients[g][2])
             if g == first_gate and not need_x:
                 break
             g_state = step.apply(stacked[g][:chains].mT, g_state)
