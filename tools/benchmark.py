@@ -160,6 +160,7 @@ class BenchmarkHook(Hook):
                  profile_rows: int = 0):
         self.warmup, self.peak_tflops, self.out_file = warmup, peak_tflops, out_file
         self.tokens, self.start, self.seq_len = 0, None, 0
+        self.peaks = (0, 0)  # (allocated, reserved) bytes: the largest seen after any timed iteration
         self.profile_rows, self.profiler = profile_rows, None
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
@@ -198,6 +199,9 @@ class BenchmarkHook(Hook):
             ids = data_batch["input_ids"]
             self.tokens += int(mask.sum()) if mask is not None else ids.numel()
             self.seq_len = max(self.seq_len, ids.shape[-1])
+            if cuda:  # read every iteration: DeepSpeed's empty_cache() resets the peak counters (seen at step 10)
+                self.peaks = (max(self.peaks[0], torch.cuda.max_memory_allocated()),
+                              max(self.peaks[1], torch.cuda.max_memory_reserved()))
         if done == runner.max_iters and self.start is not None:
             self.report(runner, time.perf_counter() - self.start, done - self.warmup)
 
@@ -209,8 +213,8 @@ class BenchmarkHook(Hook):
                   "tokens_per_s_per_gpu": round(self.tokens / seconds, 1) if seconds > 0 else None,
                   "seq_len": self.seq_len}
         if torch.cuda.is_available():
-            result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            result["peak_allocated_gib"] = round(max(self.peaks[0], torch.cuda.max_memory_allocated()) / 2**30, 2)
+            result["peak_reserved_gib"] = round(max(self.peaks[1], torch.cuda.max_memory_reserved()) / 2**30, 2)
             result["gpu"] = torch.cuda.get_device_name()
         config = getattr(base, "config", None)
         if config is not None and hasattr(config, "intermediate_size") and result["tokens_per_s_per_gpu"]:
