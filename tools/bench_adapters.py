@@ -143,7 +143,9 @@ def profile_step(model, args, rows: int):
 
 class OpCounter:
     """Counts what one step dispatches (a TorchDispatchMode): ops that launch work (views excluded), GEMMs,
-    and copies (with the bytes they write). Device-independent, so a CPU run counts what a GPU would launch."""
+    and copies (with the bytes they write; "large": 1 MiB or more, i.e. of activations, not of weights or
+    gate matrices). Device-independent, so a CPU run counts what a GPU would launch."""
+    LARGE = 2 ** 20
     VIEWS = {"view", "t", "_unsafe_view", "detach", "expand", "permute", "transpose", "_reshape_alias", "alias",
              "as_strided", "select", "slice", "unsqueeze", "squeeze", "split", "unbind", "lift_fresh", "_conj",
              "view_as_real", "view_as_complex", "unflatten", "reshape", "mT", "mH", "conj"}
@@ -153,7 +155,7 @@ class OpCounter:
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
         counter = self
-        self.ops = self.gemms = self.copies = self.copy_bytes = 0
+        self.ops = self.gemms = self.copies = self.copy_bytes = self.large = self.large_bytes = 0
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -163,8 +165,11 @@ class OpCounter:
                     counter.ops += 1
                     counter.gemms += name in counter.GEMMS
                     if name in counter.COPIES and isinstance(out, torch.Tensor):
+                        size = out.numel() * out.element_size()
                         counter.copies += 1
-                        counter.copy_bytes += out.numel() * out.element_size()
+                        counter.copy_bytes += size
+                        counter.large += size >= counter.LARGE
+                        counter.large_bytes += size if size >= counter.LARGE else 0
                 return out
 
         self.mode = Mode()
@@ -175,7 +180,8 @@ class OpCounter:
         self.mode.__exit__(*exc)
 
     def result(self):
-        return dict(ops=self.ops, gemms=self.gemms, copies=self.copies, copy_mib=round(self.copy_bytes / 2 ** 20, 1))
+        return dict(ops=self.ops, gemms=self.gemms, copies=self.copies, copy_mib=round(self.copy_bytes / 2 ** 20, 1),
+                    large_copies=self.large, large_copy_mib=round(self.large_bytes / 2 ** 20, 1))
 
 
 def count_step(model, args):
@@ -235,7 +241,8 @@ def main(argv=None) -> int:
         if args.count_ops:
             counts = results["methods"][method]["dispatched"] = count_step(model, args)
             print(f"{method:11s} one forward+backward dispatches {counts['ops']:,} ops: {counts['gemms']:,} GEMMs, "
-                  f"{counts['copies']:,} copies writing {counts['copy_mib']:,.1f} MiB", flush=True)
+                  f"{counts['copies']:,} copies writing {counts['copy_mib']:,.1f} MiB ({counts['large_copies']:,} of "
+                  f"1 MiB+ writing {counts['large_copy_mib']:,.1f} MiB)", flush=True)
         model = unadapt(model, method)
         for prm in model.parameters():
             prm.requires_grad_(False)
