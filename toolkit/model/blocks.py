@@ -20,3 +20,24 @@ def checkpoint_every_kth_block(model, every: int) -> tuple[int, int]:
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index % every == 0
     return sum(layer.gradient_checkpointing for layer in layers), len(layers)
+
+
+def keep_deepspeed_hooks_out_of_compile(model) -> int:
+    """Make dynamo call DeepSpeed's module hooks instead of tracing them; returns how many were wrapped.
+
+    ZeRO-3 gathers and frees each submodule's weights in forward hooks. Traced into a compiled block, those
+    hooks' Python state (module stacks, coordinator objects, grad mode) turns into guards that fail from call
+    to call, and dynamo gives up after its recompile limit and runs the block eagerly. Wrapped in
+    ``torch.compiler.disable`` they become graph breaks: the block compiles into the pieces between the
+    weight fetches (norms, RoPE, activations, residual adds fused), the same graphs for every layer.
+    """
+    import torch
+    wrapped = 0
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "__module__", "").startswith("deepspeed") and not getattr(hook, "_tk_eager", False):
+                    hooks[key] = torch.compiler.disable(hook)
+                    hooks[key]._tk_eager = True
+                    wrapped += 1
+    return wrapped

@@ -11,7 +11,7 @@ from ..builder import build
 from ..errors import UserError
 from .adapters import apply_adapter
 from .adapters.apply import is_registered_adapter
-from .blocks import checkpoint_every_kth_block, transformer_blocks
+from .blocks import checkpoint_every_kth_block, keep_deepspeed_hooks_out_of_compile, transformer_blocks
 from . import selective_checkpoint
 from .long_context import apply_long_context, check_options, restore_dtypes
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
@@ -120,7 +120,8 @@ class SupervisedFinetune(BaseModel):
                       f"keep their activations", logger="current")
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
-        if _wants_compile(compile) and torch.cuda.is_available():
+        self.compiled = _wants_compile(compile) and torch.cuda.is_available()
+        if self.compiled:
             options = compile if isinstance(compile, dict) else None
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
@@ -137,6 +138,9 @@ class SupervisedFinetune(BaseModel):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, mode: str = "loss"):
         if mode != "loss":
             raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
+        if self.compiled and not getattr(self, "_deepspeed_hooks_wrapped", False):
+            self._deepspeed_hooks_wrapped = True  # DeepSpeed registered them when it wrapped this model
+            keep_deepspeed_hooks_out_of_compile(self.llm)
         loss = causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids,
                               chunk_tokens=self.loss_chunk_tokens)
         self._check_switches_once()
