@@ -237,9 +237,12 @@ def random_gates(dims, dtype=torch.float32):
 @pytest.mark.parametrize("dims, d_in, d_out", [([16, 8, 8, 4], 4096, 4096), ([4, 2, 3, 2], 40, 20), ([3, 4, 5], 50, 60),
                                                ([2, 3, 4, 5, 2], 240, 230), ([3, 5], 15, 15)])
 @pytest.mark.parametrize("x_needs_grad", [True, False])
-def test_quanta_fused_chains_equal_the_reference_with_gradients(dims, d_in, d_out, x_needs_grad):
-    """The CUDA path (one autograd node for both circuits, planned layouts) = the per-gate autograd reference,
-    values and gradients, with padding, cropping, and x with or without a gradient (S only carries x's)."""
+@pytest.mark.parametrize("layouts", ["batched", "plain"])
+def test_quanta_fused_chains_equal_the_reference_with_gradients(monkeypatch, dims, d_in, d_out, x_needs_grad, layouts):
+    """The CUDA path (one autograd node for both circuits, planned layouts: batched strided GEMMs, or plain ones
+    with TK_QUANTA_PLAN=plain) = the per-gate autograd reference, values and gradients, with padding,
+    cropping, and x with or without a gradient (S only carries x's)."""
+    monkeypatch.setenv("TK_QUANTA_PLAN", layouts)
     torch.manual_seed(0)
     t_gates, s_gates = random_gates(dims), [g.detach() for g in random_gates(dims)]
     x = torch.randn(2, 3, d_in, requires_grad=x_needs_grad)
@@ -272,15 +275,16 @@ def test_quanta_fused_chains_take_bf16_input_and_weights_and_compute_in_fp32():
     assert x.grad.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in t_gates)
 
 
-@pytest.mark.parametrize("n_axes, copies", [(2, (0, 0)), (3, (0, 0)), (4, (1, 1)), (5, (9, 9))])
-def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
+@pytest.mark.parametrize("n_axes, copies, batched", [(2, (0, 0), True), (3, (0, 0), True), (4, (1, 1), True),
+                                                      (5, (9, 9), True), (3, (2, 2), False), (4, (4, 4), False)])
+def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies, batched):
     """The layout plan: each gate once forward and once backward (in reverse), gates sharing an axis in einsum
     order, each gate's pair next to each other in its input, every GEMM tall (no batch, or the tokens among
     the free axes), each weight gradient a plain GEMM (input and output gradient with the pair at one end and
     the other axes in the same order; for the first gate x's fp32 copy in backward, in :func:`quanta.x_layout`),
     and the fewest copies: 4 axes 1 forward + 1 backward, where the plan with plain 2-D GEMMs only took 4 + 4;
-    3 axes none."""
-    forward, backward = q.plan(n_axes)
+    3 axes none. The plain plan (TK_QUANTA_PLAN=plain, no batch groups) keeps the copies of before."""
+    forward, backward = q.plan(n_axes, batched)
     pairs = [(a % n_axes, b % n_axes) for a, b in q.axis_pairs(n_axes)]
     order = [step[1] for step in forward if step[0] == "gate"]
     assert sorted(order) == list(range(len(pairs)))
@@ -300,14 +304,14 @@ def test_quanta_plan_applies_every_gate_once_in_a_valid_order(n_axes, copies):
             pair = tuple(s for s in layout_in if s not in batch + free)
             assert set(pair) == set(pairs[g]) and sorted(layout_out) == sorted(layout_in)
             assert any(layout_in[k:k + 2] == pair for k in range(n_axes))        # the pair sits together
-            assert not batch or q.TOKENS in free                                    # tall GEMMs only
+            assert not batch or (batched and q.TOKENS in free)                      # tall GEMMs only
             layouts[g] = layout_in
             layout = layout_out
         return layouts
 
     inputs = walk(forward, (q.TOKENS, *range(n_axes)))
     grads = walk(backward, None)
-    inputs[order[0]] = q.x_layout(n_axes)
+    inputs[order[0]] = q.x_layout(n_axes, batched)
     for g, pair in enumerate(pairs):
         for layout in (inputs[g], grads[g]):
             assert set(layout[:2]) == set(pair) or set(layout[-2:]) == set(pair)

@@ -133,7 +133,14 @@ def fused_default(is_cuda: bool) -> bool:
 TOKENS = -1   # the token axis in a layout
 
 
-def plan(n_axes: int):
+def batched_plan() -> bool:
+    """Whether the fused node plans batched strided GEMMs (default) or, with ``TK_QUANTA_PLAN=plain``, plain 2-D
+    GEMMs with each gate's pair at an end of the layout (more copies: the layouts before 2026-11-23's third
+    session), to compare the two on one machine."""
+    return os.environ.get("TK_QUANTA_PLAN", "") != "plain"
+
+
+def plan(n_axes: int, batched: bool = True):
     """The gate chain's layouts, forward and backward, with the fewest full-state copies (cached per number of
     axes). Returns ``(forward, backward)``, two lists of steps:
 
@@ -162,7 +169,7 @@ def plan(n_axes: int):
     permuted gate matrices. 4 axes: 1 copy forward + 1 backward a layer, where plain 2-D GEMMs (the pair
     at an end of every layout) took 4 + 4; 3 axes: 0 + 1. More than 4 axes: each gate's pair moved last.
     """
-    return _plan(n_axes)
+    return _plan(n_axes, batched)
 
 
 def _scattered(old, new) -> int:
@@ -205,18 +212,18 @@ def _operand_views(layout, pair):
     return views
 
 
-def _tall(batch, free) -> bool:
-    return not batch or TOKENS in free
+def _tall(batch, free, batched) -> bool:
+    return not batch or (batched and TOKENS in free)
 
 
 @functools.lru_cache(maxsize=8192)
-def _gate_outputs(layout, pair):
+def _gate_outputs(layout, pair, batched=True):
     """{layout_out: (batch, free, natural)} a gate on ``pair`` can write from ``layout`` without a copy;
     ``natural``: the layout a GEMM returns by itself ([batch, pair, free] or [batch, free, pair] contiguous),
     else the GEMM writes into a buffer allocated for it."""
     out = {}
     for batch, free in _operand_views(layout, pair):
-        if not _tall(batch, free):
+        if not _tall(batch, free, batched):
             continue
         for order in (pair, pair[::-1]):
             groups = {"b": batch, "p": order, "f": free}
@@ -246,12 +253,12 @@ def _ends(layouts, pair):
 
 
 @functools.lru_cache(maxsize=65536)
-def _step_cost(layout, pair, target, backward):
+def _step_cost(layout, pair, target, backward, batched):
     """Cheapest way for a gate on ``pair`` to take ``layout`` to ``target`` (a copy if it cannot write it):
     (cost, out). Backward runs both chains as one GEMM only without a batch group (else one a chain, into one
     allocated buffer); forward runs the chains apart."""
     best = None
-    for out, (batch, free, natural) in _gate_outputs(layout, pair).items():
+    for out, (batch, free, natural) in _gate_outputs(layout, pair, batched).items():
         if backward and batch:
             cost = _SMALL + _ALLOC
         else:
@@ -281,14 +288,15 @@ def _grad_layouts(layout, pair):
     return [x for p in (pair, pair[::-1]) for x in (rest + p, p + rest)]
 
 
-def _end_cost(layout, pair, start):
+def _end_cost(layout, pair, start, batched):
     """The last gate's cheapest output (any layout: the chains' difference moves the axes to ``start``)."""
-    return min((_FLIP * _flips(pair, layout, out) + _SCATTERED * _scattered(out, start)
-                + (0 if natural else _ALLOC), out) for out, (_, _, natural) in _gate_outputs(layout, pair).items())
+    outputs = _gate_outputs(layout, pair, batched).items()
+    return min((_FLIP * _flips(pair, layout, out) + _SCATTERED * _scattered(out, start) + (0 if natural else _ALLOC),
+                out) for out, (_, _, natural) in outputs)
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(n: int):
+def _plan(n: int, batched: bool):
     pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
     start = (TOKENS, *range(n))
     if n > 4 or not pairs:   # the search grows fast; there, move each gate's two axes to the back (one copy a gate)
@@ -311,11 +319,11 @@ def _plan(n: int):
             new = {}
             for (f, b), (cost, path) in states.items():
                 for f2 in _ends(layouts, pair):
-                    fwd = _step_cost(f, prev, f2, False)
+                    fwd = _step_cost(f, prev, f2, False, batched)
                     if fwd is None:
                         continue
                     for b2 in _grad_layouts(f2, pair):
-                        bwd = _step_cost(b2, pair, b, True)
+                        bwd = _step_cost(b2, pair, b, True, batched)
                         if bwd is None:
                             continue
                         total = cost + fwd[0] + bwd[0] + _SMALL * _flips(pair, f2, b2)   # the weight gradient's
@@ -324,35 +332,36 @@ def _plan(n: int):
             states = new
         last = pairs[order[-1]]
         for (f, b), (cost, path) in states.items():
-            total = cost + _end_cost(f, last, start)[0] + _SCATTERED * _scattered(start, b)
+            total = cost + _end_cost(f, last, start, batched)[0] + _SCATTERED * _scattered(start, b)
             if best is None or total < best[0]:
                 best = (total, order, path)
     _, order, path = best
-    return _steps(order, path, pairs, start)
+    return _steps(order, path, pairs, start, batched)
 
 
-def x_layout(n_axes: int):
+def x_layout(n_axes: int, batched: bool = True):
     """The layout backward's fp32 copy of x takes for the first gate's weight gradient (see :func:`plan`)."""
-    forward, backward = plan(n_axes)
+    forward, backward = plan(n_axes, batched)
     first, grad = forward[0], backward[-1]
     pair = tuple(s for s in first[2] if s not in first[4] + first[5])
     return first[2] if _rest(grad[2], pair) == _rest(first[2], pair) else grad[2]
 
 
-def _steps(order, path, pairs, start):
+def _steps(order, path, pairs, start, batched):
     """The forward and backward step lists of one planned path (see :func:`plan`)."""
     forward, backward = [], []
     for k, g in enumerate(order):
         f = path[k][0]
-        out = _step_cost(f, pairs[g], path[k + 1][0], False)[1] if k + 1 < len(order) else \
-            _end_cost(f, pairs[g], start)[1]
-        forward.append(("gate", g, f, out, *_gate_outputs(f, pairs[g])[out][:2]))
+        out = _step_cost(f, pairs[g], path[k + 1][0], False, batched)[1] if k + 1 < len(order) else \
+            _end_cost(f, pairs[g], start, batched)[1]
+        forward.append(("gate", g, f, out, *_gate_outputs(f, pairs[g], batched)[out][:2]))
         if k + 1 < len(order) and out != path[k + 1][0]:
             forward.append(("perm", out, path[k + 1][0]))
     for k in range(len(order) - 1, -1, -1):
         g, b = order[k], path[k][1]
-        out = _step_cost(b, pairs[g], path[k - 1][1], True)[1] if k else _end_cost(b, pairs[g], start)[1]
-        backward.append(("gate", g, b, out, *_gate_outputs(b, pairs[g])[out][:2]))
+        out = (_step_cost(b, pairs[g], path[k - 1][1], True, batched)[1] if k
+               else _end_cost(b, pairs[g], start, batched)[1])
+        backward.append(("gate", g, b, out, *_gate_outputs(b, pairs[g], batched)[out][:2]))
         if k and out != path[k - 1][1]:
             backward.append(("perm", out, path[k - 1][1]))
     return tuple(forward), tuple(backward)
@@ -372,12 +381,12 @@ def _greedy_plan(pairs, start):
 
 
 @functools.lru_cache(maxsize=16)
-def _orientations(n: int):
+def _orientations(n: int, batched: bool = True):
     """Per gate, how its planned layouts hold its pair, as (out, in) flags (True: the other order than T's
     (b, a)): the forward GEMM's matrix, the backward GEMM's matrix (before its transpose), and the weight
     gradient's [output gradient's pair, input's pair]."""
     pairs = [(a % n, b % n) for a, b in axis_pairs(n)]
-    forward, backward = plan(n)
+    forward, backward = plan(n, batched)
 
     def flip(g, layout):
         return _pair_in(layout, pairs[g]) != _natural(pairs[g])
@@ -386,7 +395,7 @@ def _orientations(n: int):
     bwd = {s[1]: (flip(s[1], s[2]), flip(s[1], s[3])) for s in backward if s[0] == "gate"}
     grad = {g: (bwd[g][0], fwd[g][1]) for g in fwd}
     first = forward[0][1]
-    grad[first] = (bwd[first][0], flip(first, x_layout(n)))          # x's fp32 copy may sit in another layout
+    grad[first] = (bwd[first][0], flip(first, x_layout(n, batched)))          # x's fp32 copy may sit in another layout
     return tuple((fwd[g], bwd[g], grad[g]) for g in range(len(pairs)))
 
 
@@ -506,7 +515,7 @@ class _XRows:
 
 
 @functools.lru_cache(maxsize=64)
-def _program(dims: tuple, tokens: int):
+def _program(dims: tuple, tokens: int, batched: bool = True):
     """:func:`plan` worked out for ``tokens``: every GEMM's strided views and every copy's permutation order, so
     that a call of the node is a loop over tensor ops. Returns ``(forward, backward, orders, first_sizes,
     x_rows)``:
@@ -516,7 +525,7 @@ def _program(dims: tuple, tokens: int):
     weight-gradient view of x (:class:`_XRows`)."""
     start = (TOKENS, *range(len(dims)))
     sizes = {TOKENS: tokens, **dict(enumerate(dims))}
-    forward, backward = plan(len(dims))
+    forward, backward = plan(len(dims), batched)
 
     def compile_steps(steps):
         return tuple(("perm", (0, *(1 + step[1].index(s) for s in step[2]))) if step[0] == "perm"
@@ -527,7 +536,7 @@ def _program(dims: tuple, tokens: int):
 
     first_b = backward[0][2]
     orders = (to_start(forward[-1][3]), to_start(first_b), to_start(backward[-1][3]))
-    x_rows = _XRows(x_layout(len(dims)), forward[0], sizes, start)
+    x_rows = _XRows(x_layout(len(dims), batched), forward[0], sizes, start)
     return compile_steps(forward), compile_steps(backward), orders, tuple(sizes[s] for s in first_b), x_rows
 
 
@@ -554,8 +563,9 @@ class _QuantaChains(torch.autograd.Function):
     def _forward(ctx, x, dims, pad, out_features, out_dtype, banked, n_gates, *gates):
         t_gates, s_gates = gates[:n_gates], gates[n_gates:]
         tokens = x.shape[0]
-        forward, _, orders, _, _ = _program(tuple(dims), tokens)
-        orients = _orientations(len(dims))
+        batched = batched_plan()
+        forward, _, orders, _, _ = _program(tuple(dims), tokens, batched)
+        orients = _orientations(len(dims), batched)
         first = _padded_fp32(x, pad, dims)
         states, saved, stacked = [first, first], [None] * n_gates, [None] * n_gates
         for kind, step in forward:
@@ -571,18 +581,18 @@ class _QuantaChains(torch.autograd.Function):
         final = (0, *(1 + k for k in orders[0]))
         torch.sub(states[0].permute(final)[0], states[1].permute(final)[0], out=delta)  # one kernel: difference, layout, cast
         ctx.meta = (dims, pad, out_features, x.dtype, x.shape[1], n_gates, forward[0][1].g,
-                    tuple(t.shape for t in t_gates))
+                    tuple(t.shape for t in t_gates), batched)
         ctx.save_for_backward(*saved, *stacked)
         return delta.reshape(tokens, -1)[:, :out_features]
 
     @staticmethod
     def _backward(ctx, grad):
-        dims, pad, out_features, x_dtype, d_in, n_gates, first_gate, shapes = ctx.meta
+        dims, pad, out_features, x_dtype, d_in, n_gates, first_gate, shapes, batched = ctx.meta
         tensors = ctx.saved_tensors  # once: under checkpointing a second unpack raises
         saved, stacked = tensors[:n_gates], tensors[n_gates:]
         tokens, need_x = grad.shape[0], ctx.needs_input_grad[0]
-        forward, backward, orders, first_sizes, x_rows = _program(tuple(dims), tokens)
-        orients = _orientations(len(dims))
+        forward, backward, orders, first_sizes, x_rows = _program(tuple(dims), tokens, batched)
+        orients = _orientations(len(dims), batched)
         fwd_of = {step.g: step for kind, step in forward if kind == "gate"}
         chains = 2 if need_x else 1                     # S's chain only carries x's gradient
         full = grad.new_zeros(tokens, math.prod(dims)) if out_features < math.prod(dims) else None
@@ -665,7 +675,7 @@ class QuantaDelta(nn.Module):
             return [None] * len(deltas)
         gates = []
         with torch.no_grad():
-            for g, orientation in enumerate(_orientations(len(self.dims))):
+            for g, orientation in enumerate(_orientations(len(self.dims), batched_plan())):
                 both = torch.stack([m.float() for d in deltas for m in (d.T[g], getattr(d, f"S{g}"))])
                 both = both.unflatten(0, (len(deltas), 2))
                 gates.append(list(zip(*(_orient(both, *o).unbind(0) for o in orientation[:2]))))
