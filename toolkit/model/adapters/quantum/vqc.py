@@ -9,6 +9,7 @@ in x, so not mergeable).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -180,7 +181,9 @@ class _BasisColumns(torch.autograd.Function):
         return grad_m, grad_kb
 
 
-KB_CHUNK = 1024   # the length of each hand-made split-K chunk of Kb's gradient
+# the length of each hand-made split-K chunk of Kb's gradient; TK_QUANTUM_KB_CHUNK=65536 at n = 10 gives one chunk
+# (the single long GEMM a circuit of before), to compare on one machine
+KB_CHUNK = int(os.environ.get("TK_QUANTUM_KB_CHUNK", "1024"))
 
 
 def _kb_apply(kb, x_real):
