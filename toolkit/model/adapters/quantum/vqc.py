@@ -202,6 +202,8 @@ def _kb_grad(g_real, x_real, out):
     bb, c = g_real.shape[:2]
     length = g_real[0, 0].numel()
     chunks = max(1, length // KB_CHUNK)
+    while length % chunks:                      # a divisor of the length (all sizes are powers of 2 here)
+        chunks -= 1
     g_view = g_real.reshape(bb, c * chunks, length // chunks).transpose(0, 1)          # [C·S, B, K/S]
     x_view = x_real.reshape(bb, c * chunks, length // chunks).permute(1, 2, 0)         # [C·S, K/S, B]
     torch.sum((g_view @ x_view).view(c, chunks, bb, bb), 1, out=out)
