@@ -73,3 +73,17 @@ def test_a_bad_value_is_one_clear_line(tiny_llama_dir, every):
 def test_without_gradient_checkpointing_it_says_so(tiny_llama_dir):
     with pytest.raises(UserError, match=r"checkpoint_every=2 .* set model.gradient_checkpointing=True"):
         _model(tiny_llama_dir, checkpoint_every=2)
+
+
+def test_composes_with_recompute_attention_false(tiny_llama_dir):
+    """Only the checkpointed blocks (0 and 2) take tk's selective checkpoint; nothing recomputes attention."""
+    reference = _step(_model(tiny_llama_dir, gradient_checkpointing=True))
+    model = _model(tiny_llama_dir, gradient_checkpointing=True, checkpoint_every=2, recompute_attention=False)
+    layers = model.llm.base_model.model.model.layers
+    selective = [i for i, layer in enumerate(layers) if "_forward_saving_attention" in repr(layer.forward)]
+    assert selective == [0, 2]
+    ours = _step(model)
+    assert ours[2] == LAYERS
+    assert torch.equal(ours[0], reference[0])
+    for name, grad in reference[1].items():
+        assert torch.equal(ours[1][name], grad), name
