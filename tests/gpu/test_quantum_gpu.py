@@ -160,12 +160,14 @@ def _copies_inside_gemms(fn):
 
 
 def test_strided_gemms_make_no_hidden_copies_on_cuda():
-    """quanta's fused node and the vqc expval build hand cuBLAS strided operands and strided outputs (a
-    [batch, pair, free] view of a state stored in another axis order, Kb's GEMM writing the b-major state):
-    torch's CUDA bmm/mm must take those as they are, or the copies the plan removed come back inside the
-    GEMMs (quanta: 1 + 1 full-state copies a layer planned, against 4 + 4 before)."""
+    """quanta's fused node and the vqc expval build's Kb GEMMs hand cuBLAS strided operands and strided outputs
+    (a [batch, pair, free] view of a state stored in another axis order; Kb's GEMM writing the b-major state,
+    its gradient over (circuit, chunk) batches): torch's CUDA bmm/mm must take those as they are, or the
+    copies the plans removed come back inside the GEMMs (quanta: 1 + 1 full-state copies a layer planned,
+    against 4 + 4 before). (The build's other GEMMs are as before: its sublayer-0 gradient reads a
+    conjugated [C·B, 1, A²] row, which torch's CUDA bmm copies; 16 MiB once a step, left as it was.)"""
     from toolkit.model.adapters.quantum import quanta as q
-    from toolkit.model.adapters.quantum.vqc import vqc_real_unitary
+    from toolkit.model.adapters.quantum.vqc import _kb_apply, _kb_grad
     torch.manual_seed(0)
     dims = [16, 8, 8, 4]
     t_gates = [(torch.randn(dims[b], dims[a], dims[b], dims[a], device="cuda") / 8).requires_grad_()
@@ -176,14 +178,22 @@ def test_strided_gemms_make_no_hidden_copies_on_cuda():
     def quanta_step():
         q.quanta_update(x, t_gates, s_gates, dims, 0, 4096, torch.bfloat16, fused=True).float().sum().backward()
 
-    theta = torch.empty(4, 2, 4, 10, device="cuda").uniform_(-math.pi, math.pi).requires_grad_()
+    circuits = 8                                   # n = 10: B = A = 32 and 1,024 columns, as in the bench
+    kb = torch.randn(circuits, 32, 32, device="cuda")
+    state, grad = (torch.randn(32, circuits, 32, 1024, 2, device="cuda") for _ in range(2))
+    out = torch.empty(circuits, 32, 32, device="cuda")
 
-    def vqc_step():
-        out = vqc_real_unitary(theta, 10)
-        out.backward(torch.ones_like(out))
+    def kb_step():
+        _kb_apply(kb, state)
+        _kb_apply(kb.mT, state)
+        _kb_grad(grad, state, out=out)
 
-    for step in (quanta_step, vqc_step):
+    for step in (quanta_step, kb_step):
         assert _copies_inside_gemms(step) == [], step.__name__
+    reference = torch.einsum("bcx,dcx->cbd", grad.reshape(32, circuits, -1), state.reshape(32, circuits, -1))
+    torch.testing.assert_close(out, reference, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(_kb_apply(kb, state), torch.einsum("cbd,dcx->bcx", kb, state.reshape(32, circuits, -1))
+                               .reshape(state.shape), atol=1e-4, rtol=1e-4)
 
 
 def test_tq_build_and_readout_node_on_cuda_equal_the_cpu():
