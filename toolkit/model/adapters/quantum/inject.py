@@ -43,7 +43,7 @@ def _quanta(name, layer, dims=None, seed=0):
     try:
         return QuantaDelta(layer.in_features, layer.out_features, dims, generator)
     except ValueError as exc:
-        raise UserError(f"quanta on {name}: {exc}; pass dims whose product covers the layer") from None
+        raise UserError(f"quanta on {name}: {exc}; pass 2 or more dims whose product covers the layer") from None
 
 
 DELTAS = {"vqc": _vqc, "tq": _tq, "quanta": _quanta}

@@ -639,6 +639,8 @@ class QuantaDelta(nn.Module):
     def __init__(self, in_features: int, out_features: int, dims=None, generator: torch.Generator | None = None):
         super().__init__()
         dims = list(dims) if dims else default_dims(in_features, out_features)
+        if len(dims) < 2:  # no pair of axes: no gate, nothing to train
+            raise ValueError(f"quanta needs at least 2 axes (one gate per pair of axes), got dims {dims}")
         if math.prod(dims) < max(in_features, out_features):
             raise ValueError(f"quanta dims {dims} multiply to {math.prod(dims)} < "
                              f"max(in, out) = {max(in_features, out_features)}")
