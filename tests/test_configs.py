@@ -33,3 +33,11 @@ def test_list_cfg_pattern(capsys):
     from toolkit.cli.main import main
     assert main(["list-cfg", "-p", "QLORA"]) == 0
     assert capsys.readouterr().out.split() == ["internlm_chat_7b_qlora_math"]
+
+
+def test_llama2_7b_full_config_trains_every_weight_compiled_with_a_fused_optimizer():
+    cfg = load_config("llama2_7b_full_champ_e3")
+    assert cfg.model.adapter is None and cfg.model.compile is True
+    assert cfg.model.gradient_checkpointing is True and cfg.model.checkpoint_every == 1
+    assert cfg.optim_wrapper.optimizer.fused is True and cfg.optim_wrapper.optimizer.lr == 2e-5
+    assert "--deepspeed zero3" in (cfg.filename and open(cfg.filename).read())
