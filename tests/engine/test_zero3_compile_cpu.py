@@ -1,10 +1,13 @@
 """Compiled blocks under DeepSpeed ZeRO-3: DeepSpeed's parameter hooks stay out of the traced code.
 
 One CPU process (gloo), a 4-layer llama in fp32, ZeRO-3 with every weight partitioned, four training steps.
-Dynamo runs with its real guards and the "eager" backend (no C++ compiler needed; the guards and recompiles
-are the backend-independent part) and is told to fail instead of silently running a block eagerly once it hits
-its recompile limit. Without tk's wrapping that failure comes (the control); with it the blocks compile into a
-few graphs and the losses equal the uncompiled ZeRO-3 run exactly (same ops, same order).
+Dynamo runs with its real guards and a backend that runs each graph eagerly and counts its calls (no C++
+compiler needed; the guards and recompiles are the backend-independent part) and is told to fail instead of
+silently running a block eagerly once it hits its recompile limit. Without tk's wrapping that failure comes (the
+control); with it the blocks compile into a few graphs that run every step, and the losses equal the
+uncompiled ZeRO-3 run exactly (same ops, same order). With gradient checkpointing too: transformers 5.2x
+checkpoints inside the compiled call, where a graph break would make dynamo run the whole block eagerly
+(silently: no compiled graph runs, the second control); tk moves the checkpoint around the compiled call.
 """
 import json
 import subprocess
@@ -23,51 +26,79 @@ SCRIPT = textwrap.dedent('''
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
     from toolkit.model.blocks import keep_deepspeed_hooks_out_of_compile, transformer_blocks
-    mode = sys.argv[1]
+    from toolkit.model import blocks
+    mode, checkpointing = sys.argv[1], sys.argv[2] == "1"
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          vocab_size=256, attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = [0]
+
+    def counting(graph, inputs):
+        def run(*args):
+            calls[0] += 1
+            return graph.forward(*args)
+        return run
+
     if mode != "eager":
         for block in transformer_blocks(model):
-            block.compile(backend="eager")
+            block.compile(backend=counting)
+    if mode == "wrapped_checkpoint_inside":
+        blocks._checkpoint_outside = lambda model: 0
     ds = json.load(open("configs/deepspeed/zero3.json"))
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
               bf16={"enabled": False}, fp16={"enabled": False})
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition the norms too
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                       config=ds)
-    wrapped = keep_deepspeed_hooks_out_of_compile(engine.module) if mode == "wrapped" else 0
+    wrapped = keep_deepspeed_hooks_out_of_compile(engine.module) if mode.startswith("wrapped") else 0
     ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(1))
-    losses = []
+    losses, graph_calls = [], []
     for _ in range(4):
+        before = calls[0]
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    print("RESULT", json.dumps(dict(losses=losses, wrapped=wrapped, graphs=graphs)))
+        graph_calls.append(calls[0] - before)
+    print("RESULT", json.dumps(dict(losses=losses, wrapped=wrapped, graph_calls=graph_calls)))
 ''')
 
 
-def _run(mode):
+def _run(mode, checkpointing=False):
     import os
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": ""}
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(int(checkpointing))], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     return done, (json.loads(lines[0][7:]) if lines else None)
 
 
-def test_deepspeed_hooks_wrapped_compile_without_recompiles_and_train_the_same():
-    eager_run, eager = _run("eager")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_deepspeed_hooks_wrapped_compile_without_recompiles_and_train_the_same(checkpointing):
+    eager_run, eager = _run("eager", checkpointing)
     assert eager is not None, eager_run.stderr[-3000:]
-    wrapped_run, wrapped = _run("wrapped")
+    wrapped_run, wrapped = _run("wrapped", checkpointing)
     assert wrapped is not None, wrapped_run.stderr[-3000:]
-    assert wrapped["wrapped"] > 0 and wrapped["graphs"] > 0
+    assert wrapped["wrapped"] > 0
+    # every step runs compiled graphs: several per block (between the weight fetches), more with the recompute
+    assert min(wrapped["graph_calls"]) >= 4 * 4, wrapped["graph_calls"]
     assert wrapped["losses"] == eager["losses"] and eager["losses"][-1] < eager["losses"][0]
-    control_run, control = _run("traced")  # DeepSpeed's hooks traced: dynamo's recompile limit, every time
+    control_run, control = _run("traced", checkpointing)  # DeepSpeed's hooks traced: dynamo's recompile limit
     assert control is None and "recompile_limit" in control_run.stderr, control_run.stderr[-3000:]
+
+
+def test_checkpoint_left_inside_the_compiled_call_runs_no_compiled_graph():
+    """The control for the checkpoint move: left inside (transformers 5.2x), the graph break in the checkpoint
+    makes dynamo run every block eagerly, with no error and no recompile."""
+    from toolkit.model.offload import checkpoint_inside_compiled_block
+    if not checkpoint_inside_compiled_block():
+        pytest.skip("this transformers checkpoints around the compiled call: nothing to move")
+    run, result = _run("wrapped_checkpoint_inside", checkpointing=True)
+    assert result is not None, run.stderr[-3000:]
+    assert result["graph_calls"] == [0, 0, 0, 0]

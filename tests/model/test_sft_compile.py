@@ -91,3 +91,58 @@ def test_kbit_preparation_checkpoints_circuit_adapters_the_non_reentrant_way(tin
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     model(ids, ids.clone())["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _fake_deepspeed_hook(module, args):
+    """Stands in for DeepSpeed's weight-fetching pre-hook (the wrapping picks hooks by their module name)."""
+
+
+_fake_deepspeed_hook.__module__ = "deepspeed.runtime.zero.parameter_offload"
+
+
+def test_deepspeed_hooks_are_wrapped_before_the_first_call_even_a_generate(tiny_llama_dir, monkeypatch):
+    """A compiled model wraps DeepSpeed's hooks on its first call, whichever comes first: EvaluateChatHook's
+    generate runs before the first training step. Hooks of other libraries, and hooks without a module name,
+    are left alone."""
+    import toolkit.model.sft as sft
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sft, "compile_blocks", lambda model, options=None: 0)
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = SupervisedFinetune(llm, LoraConfig(r=4, target_modules=["q_proj"]), compile=True).eval()
+    q_proj = model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    nameless = {}
+    exec("def nameless(module, args): pass", nameless)  # __module__ is None: no crash
+    for hook in (_fake_deepspeed_hook, nameless["nameless"], lambda module, args: None):
+        q_proj.register_forward_pre_hook(hook)
+    embeddings = model.llm.get_input_embeddings()
+    assert len(embeddings._forward_pre_hooks) == 1  # tk's, until the first call
+    model.llm.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    wrapped = [getattr(h, "_tk_eager", False) for h in q_proj._forward_pre_hooks.values()]
+    assert wrapped == [True, False, False]
+    assert len(embeddings._forward_pre_hooks) == 0
+
+
+def test_without_compile_nothing_is_wrapped(tiny_llama_dir):
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = SupervisedFinetune(llm, LoraConfig(r=4, target_modules=["q_proj"])).train()
+    q_proj = model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    q_proj.register_forward_pre_hook(_fake_deepspeed_hook)
+    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(ids, ids.clone())
+    assert [getattr(h, "_tk_eager", False) for h in q_proj._forward_pre_hooks.values()] == [False]
+
+
+def test_selective_checkpoint_in_compiled_blocks_under_zero3_says_they_run_eagerly(tiny_llama_dir, capsys):
+    """recompute_attention=False keeps its checkpoint inside the compiled call, where DeepSpeed's wrapped hooks
+    break the graph: dynamo runs those blocks eagerly, and tk says so (compiled blocks simulated)."""
+    from toolkit.model.blocks import keep_deepspeed_hooks_out_of_compile
+    MMLogger.get_instance("tk-test-selective-zero3")
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = SupervisedFinetune(llm, LoraConfig(r=4, target_modules=["q_proj"]), gradient_checkpointing=True,
+                               recompute_attention=False)
+    layers = model.llm.base_model.model.model.layers
+    for layer in layers:
+        layer._compiled_call_impl = layer._call_impl
+    layers[0].self_attn.q_proj.register_forward_pre_hook(_fake_deepspeed_hook)
+    assert keep_deepspeed_hooks_out_of_compile(model.llm) == 1
+    assert f"so dynamo runs these {len(layers)} blocks eagerly" in capsys.readouterr().out

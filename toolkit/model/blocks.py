@@ -1,6 +1,9 @@
 """The transformer blocks of an HF model (possibly peft-wrapped): what tk compiles and tiles block by block."""
 from __future__ import annotations
 
+import functools
+import logging
+
 
 def transformer_blocks(model) -> list:
     """Modules whose class HF lists in ``_no_split_modules`` (the decoder layers), in model order."""
@@ -29,15 +32,61 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
     hooks' Python state (module stacks, coordinator objects, grad mode) turns into guards that fail from call
     to call, and dynamo gives up after its recompile limit and runs the block eagerly. Wrapped in
     ``torch.compiler.disable`` they become graph breaks: the block compiles into the pieces between the
-    weight fetches (norms, RoPE, activations, residual adds fused), the same graphs for every layer.
+    weight fetches (norms, RoPE, activations, residual adds fused), the same graphs for every layer. Where a
+    block checkpoints inside its compiled call, the checkpoint moves around it (:func:`_checkpoint_outside`).
     """
     import torch
     wrapped = 0
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key, hook in list(hooks.items()):
-                if getattr(hook, "__module__", "").startswith("deepspeed") and not getattr(hook, "_tk_eager", False):
+                deepspeed = (getattr(hook, "__module__", None) or "").startswith("deepspeed")
+                if deepspeed and not getattr(hook, "_tk_eager", False):
                     hooks[key] = torch.compiler.disable(hook)
                     hooks[key]._tk_eager = True
                     wrapped += 1
+    if wrapped:
+        _checkpoint_outside(model)
     return wrapped
+
+
+def _checkpoint_outside(model) -> int:
+    """Checkpoint each compiled block around its compiled call instead of inside it; returns how many moved.
+
+    transformers 5.2x checkpoints inside a layer's ``forward``, so ``block.compile()`` traces the checkpoint as
+    one higher-order op, and dynamo cannot break a graph inside one: with DeepSpeed's hooks made graph breaks,
+    it would run every checkpointed block eagerly, silently. Around the compiled call (where transformers 5.17
+    puts it anyway), the block compiles with its graph breaks and the checkpoint recomputes the compiled call.
+    tk's own selective checkpoint (``recompute_attention=False``) must stay inside; those blocks run eagerly,
+    and a warning says so.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from .offload import checkpoint_inside_compiled_block
+    selective = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None
+                 and getattr(getattr(m.forward, "func", None), "__name__", "") == "_forward_saving_attention"]
+    if selective:
+        from mmengine.logging import print_log
+        print_log(f"recompute_attention=False with compiled blocks under ZeRO-3: the selective checkpoint sits "
+                  f"inside the compiled call, where DeepSpeed's hooks break the graph, so dynamo runs these "
+                  f"{len(selective)} blocks eagerly (same numbers, no fused kernels)", logger="current",
+                  level=logging.WARNING)
+    if not checkpoint_inside_compiled_block():
+        return 0
+    moved = 0
+    for module in model.modules():
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if (isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False)
+                and compiled is not None):
+            module.gradient_checkpointing = False
+            module._compiled_call_impl = functools.partial(_checkpointed_call, module,
+                                                           module._gradient_checkpointing_func, compiled)
+            moved += 1
+    return moved
+
+
+def _checkpointed_call(module, checkpoint, call, *args, **kwargs):
+    """``call`` (a block's compiled call) under transformers' checkpoint function while training."""
+    import torch
+    if not (module.training and torch.is_grad_enabled()):
+        return call(*args, **kwargs)
+    return checkpoint(functools.partial(call, **kwargs), *args)

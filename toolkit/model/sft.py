@@ -125,6 +125,10 @@ class SupervisedFinetune(BaseModel):
             options = compile if isinstance(compile, dict) else None
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
+            # DeepSpeed adds its hooks after this; the model's first call (a training step, or a hook's generate:
+            # both start at the embeddings) wraps them before any compiled block runs
+            embeddings = self.llm.get_input_embeddings()
+            self._wrap_once = embeddings.register_forward_pre_hook(self._keep_deepspeed_hooks_out_of_compile)
         elif _wants_compile(compile):
             print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused "
                       "kernels)", logger="current")
@@ -138,13 +142,14 @@ class SupervisedFinetune(BaseModel):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, mode: str = "loss"):
         if mode != "loss":
             raise NotImplementedError(f"SupervisedFinetune only computes the training loss (mode={mode!r})")
-        if self.compiled and not getattr(self, "_deepspeed_hooks_wrapped", False):
-            self._deepspeed_hooks_wrapped = True  # DeepSpeed registered them when it wrapped this model
-            keep_deepspeed_hooks_out_of_compile(self.llm)
         loss = causal_lm_loss(self.llm, input_ids, labels, attention_mask, position_ids,
                               chunk_tokens=self.loss_chunk_tokens)
         self._check_switches_once()
         return {"loss": loss}
+
+    def _keep_deepspeed_hooks_out_of_compile(self, module, args) -> None:
+        self._wrap_once.remove()
+        keep_deepspeed_hooks_out_of_compile(self.llm)
 
     def _check_switches_once(self) -> None:
         """After the first training forward: say so if a switch changed nothing. offload_activations: a model
