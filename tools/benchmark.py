@@ -154,7 +154,9 @@ class BenchmarkHook(Hook):
     """Steady-state tokens/s per GPU and peak memory after ``warmup`` iterations (the window the
     baseline scripts time), written to ``throughput.json`` in the work dir by rank 0."""
 
-    priority = "VERY_LOW"
+    # before LoggerHook (BELOW_NORMAL): mmengine's LogProcessor resets CUDA's peak counters on every logged
+    # iteration (get_max_cuda_memory), so a later reader would see only the memory left after the step
+    priority = "NORMAL"
 
     def __init__(self, warmup: int = 5, peak_tflops: float | None = None, out_file: str = "throughput.json",
                  profile_rows: int = 0):
@@ -199,7 +201,7 @@ class BenchmarkHook(Hook):
             ids = data_batch["input_ids"]
             self.tokens += int(mask.sum()) if mask is not None else ids.numel()
             self.seq_len = max(self.seq_len, ids.shape[-1])
-            if cuda:  # read every iteration: DeepSpeed's empty_cache() resets the peak counters (seen at step 10)
+            if cuda:  # read every iteration: each logged iteration resets the peak counters (see ``priority``)
                 self.peaks = (max(self.peaks[0], torch.cuda.max_memory_allocated()),
                               max(self.peaks[1], torch.cuda.max_memory_reserved()))
         if done == runner.max_iters and self.start is not None:
@@ -328,6 +330,13 @@ def normalise(result: dict, flops: float, peak: float | None) -> dict:
     return row
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 1")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="HF folder of a llama-shaped model")
@@ -356,7 +365,7 @@ def main(argv=None) -> int:
                         "bf16 (a bf16 residual stream) instead of peft's fp32: half the checkpointed activations")
     parser.add_argument("--save-attention", action="store_true", help="tk's checkpointing keeps the attention "
                         "kernel's outputs instead of recomputing attention in backward (recompute_attention=False)")
-    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="K",
                         help="tk checkpoints only every K-th block (checkpoint_every=K; the baseline all of them)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here)")
     parser.add_argument("--skip-baseline", action="store_true")
