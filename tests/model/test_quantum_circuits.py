@@ -359,6 +359,7 @@ def test_vqc_real_unitary_equals_the_reference_with_gradients(n, layers, circuit
 def test_vqc_real_unitary_splits_kb_gradients_over_many_chunks(monkeypatch):
     """Kb's gradient summed over hand-made split-K chunks (forced small here) = the einsum build's θ gradient."""
     from toolkit.model.adapters.quantum import vqc
+    monkeypatch.delenv("TK_QUANTUM_KB_CHUNK", raising=False)
     monkeypatch.setattr(vqc, "KB_CHUNK", 4)
     torch.manual_seed(0)
     n = 5
@@ -369,12 +370,14 @@ def test_vqc_real_unitary_splits_kb_gradients_over_many_chunks(monkeypatch):
     torch.testing.assert_close(fast_grad, slow_grad, atol=1e-4, rtol=1e-4)
 
 
-def test_vqc_real_unitary_has_no_small_batched_gemm_with_a_long_reduction():
+def test_vqc_real_unitary_has_no_small_batched_gemm_with_a_long_reduction(monkeypatch):
     """No batched GEMM of the build (forward and backward) makes small outputs (<= 64 x 64 a batch) from a
     reduction longer than KB_CHUNK: cuBLAS has no split-K for batched GEMMs, and Kb's gradient as one GEMM a
     circuit (reducing 65,536 numbers at n = 10) took 2.0 ms a sublayer on an H100 (64 tiles of 32 x 32)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from toolkit.model.adapters.quantum.vqc import KB_CHUNK
+    monkeypatch.delenv("TK_QUANTUM_KB_CHUNK", raising=False)  # the shipped chunk, whatever the shell sets
+    assert KB_CHUNK == 1024
     shapes = []
 
     class Shapes(TorchDispatchMode):
@@ -500,3 +503,20 @@ def test_expval_readout_node_equals_autograd_and_keeps_less(kind, n, dtype):
     assert (128, 24) not in [shape for _, shape in kept[0]]           # no fp32 copy of x
     if dtype == torch.bfloat16:
         assert (128, 24) in [shape for _, shape in kept[1]]           # autograd kept one
+
+
+@pytest.mark.parametrize("name,value", [("TK_QUANTUM_KB_CHUNK", "abc"), ("TK_QUANTUM_KB_CHUNK", "0"),
+                                        ("TK_QUANTA_PLAN", "Plain")])
+def test_a_bad_speed_setting_in_the_environment_is_one_line(monkeypatch, name, value):
+    from toolkit.errors import UserError
+    from toolkit.model.adapters.quantum import quanta, vqc
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=f"{name}={value!r} must be"):
+        vqc.kb_chunk() if name == "TK_QUANTUM_KB_CHUNK" else quanta.batched_plan()
+
+
+@pytest.mark.parametrize("dims", [[4096], [2] * 8])
+def test_quanta_refuses_fewer_than_2_or_more_than_7_axes(dims):
+    from toolkit.model.adapters.quantum.quanta import QuantaDelta
+    with pytest.raises(ValueError, match=r"quanta needs 2 to 7 axes"):
+        QuantaDelta(256, 256, dims)

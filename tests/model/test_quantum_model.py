@@ -147,7 +147,7 @@ def test_bad_settings_are_one_line_errors(tiny_llama_dir):
         apply_adapter(base(tiny_llama_dir), dict(type="tq", target_modules=["nope"]))
     with pytest.raises(UserError, match="dims"):
         apply_adapter(base(tiny_llama_dir), dict(type="quanta", dims=[2, 2], target_modules=["q_proj"]))
-    with pytest.raises(UserError, match=r"quanta on .*q_proj: quanta needs at least 2 axes .* got dims \[64\]"):
+    with pytest.raises(UserError, match=r"quanta on .*q_proj: quanta needs 2 to 7 axes .* got dims \[64\]"):
         apply_adapter(base(tiny_llama_dir), dict(type="quanta", dims=[64], target_modules=["q_proj"]))
     with pytest.raises(UserError, match="readout"):
         adapted(tiny_llama_dir, "vqc", readout="probs")

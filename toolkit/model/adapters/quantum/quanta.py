@@ -18,6 +18,7 @@ import string
 import torch
 from torch import nn
 
+from ....errors import UserError
 from .bank import bank_unitary
 from .fused import circuit_matmul_precision
 
@@ -137,7 +138,10 @@ def batched_plan() -> bool:
     """Whether the fused node plans batched strided GEMMs (default) or, with ``TK_QUANTA_PLAN=plain``, plain 2-D
     GEMMs with each gate's pair at an end of the layout (more copies: the layouts before 2026-11-23's third
     session), to compare the two on one machine."""
-    return os.environ.get("TK_QUANTA_PLAN", "") != "plain"
+    text = os.environ.get("TK_QUANTA_PLAN", "batched")
+    if text not in ("batched", "plain"):
+        raise UserError(f"TK_QUANTA_PLAN={text!r} must be 'batched' (the default) or 'plain'; unset it or fix it")
+    return text == "batched"
 
 
 def plan(n_axes: int, batched: bool = True):
@@ -639,8 +643,8 @@ class QuantaDelta(nn.Module):
     def __init__(self, in_features: int, out_features: int, dims=None, generator: torch.Generator | None = None):
         super().__init__()
         dims = list(dims) if dims else default_dims(in_features, out_features)
-        if len(dims) < 2:  # no pair of axes: no gate, nothing to train
-            raise ValueError(f"quanta needs at least 2 axes (one gate per pair of axes), got dims {dims}")
+        if not 2 <= len(dims) <= 7:  # 2: no pair of axes is no gate; 7: the merge's einsum runs out of letters
+            raise ValueError(f"quanta needs 2 to 7 axes (one gate per pair of axes), got dims {dims}")
         if math.prod(dims) < max(in_features, out_features):
             raise ValueError(f"quanta dims {dims} multiply to {math.prod(dims)} < "
                              f"max(in, out) = {max(in_features, out_features)}")

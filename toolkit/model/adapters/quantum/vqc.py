@@ -14,6 +14,7 @@ import os
 import torch
 from torch import nn
 
+from ....errors import UserError
 from . import simulator as sim
 from .bank import ThetaBank, bank_unitary
 from .fused import circuit_matmul_precision
@@ -183,7 +184,18 @@ class _BasisColumns(torch.autograd.Function):
 
 # the length of each hand-made split-K chunk of Kb's gradient; TK_QUANTUM_KB_CHUNK=65536 at n = 10 gives one chunk
 # (the single long GEMM a circuit of before), to compare on one machine
-KB_CHUNK = int(os.environ.get("TK_QUANTUM_KB_CHUNK", "1024"))
+KB_CHUNK = 1024
+
+
+def kb_chunk() -> int:
+    """:data:`KB_CHUNK`, or ``TK_QUANTUM_KB_CHUNK`` where set (a whole number >= 1; anything else is one line)."""
+    text = os.environ.get("TK_QUANTUM_KB_CHUNK")
+    if text is None:
+        return KB_CHUNK
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"TK_QUANTUM_KB_CHUNK={text!r} must be a whole number >= 1 (e.g. 1024, the default); "
+                        f"unset it or fix the value")
+    return int(text)
 
 
 def _kb_apply(kb, x_real):
@@ -201,7 +213,7 @@ def _kb_grad(g_real, x_real, out):
     C·S GEMMs over chunks of :data:`KB_CHUNK` numbers (one batch stride in the b-major layout), then a sum."""
     bb, c = g_real.shape[:2]
     length = g_real[0, 0].numel()
-    chunks = max(1, length // KB_CHUNK)
+    chunks = max(1, length // kb_chunk())
     while length % chunks:                      # a divisor of the length (all sizes are powers of 2 here)
         chunks -= 1
     g_view = g_real.reshape(bb, c * chunks, length // chunks).transpose(0, 1)          # [C·S, B, K/S]
