@@ -87,3 +87,21 @@ def test_composes_with_recompute_attention_false(tiny_llama_dir):
     assert torch.equal(ours[0], reference[0])
     for name, grad in reference[1].items():
         assert torch.equal(ours[1][name], grad), name
+
+
+def test_blocks_are_counted_within_each_stack():
+    """Two stacks (a vision tower's 3 layers before a language model's 4): each keeps blocks 0, 2, ... of its own."""
+    from torch import nn
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from toolkit.model.blocks import checkpoint_every_kth_block
+
+    class Layer(GradientCheckpointingLayer):
+        gradient_checkpointing = True
+
+    model = nn.Module()
+    model.vision = nn.ModuleList(Layer() for _ in range(3))
+    model.language = nn.ModuleList(Layer() for _ in range(4))
+    assert checkpoint_every_kth_block(model, 2) == (4, 7)
+    assert [layer.gradient_checkpointing for layer in model.vision] == [True, False, True]
+    assert [layer.gradient_checkpointing for layer in model.language] == [True, False, True, False]

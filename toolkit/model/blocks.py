@@ -15,13 +15,17 @@ def transformer_blocks(model) -> list:
 def checkpoint_every_kth_block(model, every: int) -> tuple[int, int]:
     """Leave gradient checkpointing on for blocks 0, k, 2k, ... only (torchtitan's selective layer
     checkpointing): the others keep their activations, so backward recomputes 1/k of the forward instead of
-    all of it, for the memory those activations take. Call after transformers enabled checkpointing.
-    Returns (blocks still checkpointed, blocks that checkpoint at all)."""
+    all of it, for the memory those activations take. Blocks are counted within each stack (the module list
+    holding them), so a vision tower's layers do not shift the language model's. Call after transformers
+    enabled checkpointing. Returns (blocks still checkpointed, blocks that checkpoint at all)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules()
-              if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index % every == 0
+    stacks = [[m for m in parent.children()
+               if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+              for parent in model.modules()]
+    layers = [layer for stack in stacks for layer in stack]
+    for stack in stacks:
+        for index, layer in enumerate(stack):
+            layer.gradient_checkpointing = index % every == 0
     return sum(layer.gradient_checkpointing for layer in layers), len(layers)
 
 
