@@ -81,11 +81,16 @@ def _checkpoint_outside(model) -> int:
         compiled = getattr(module, "_compiled_call_impl", None)
         if (isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False)
                 and compiled is not None):
-            module.gradient_checkpointing = False
-            module._compiled_call_impl = functools.partial(_checkpointed_call, module,
-                                                           module._gradient_checkpointing_func, compiled)
+            checkpoint_around_compiled_call(module, module._gradient_checkpointing_func)
             moved += 1
     return moved
+
+
+def checkpoint_around_compiled_call(module, checkpoint) -> None:
+    """Switch off transformers' checkpoint inside the compiled ``module`` and run its compiled call under
+    ``checkpoint`` (a ``torch.utils.checkpoint``-like function) while training instead."""
+    module.gradient_checkpointing = False
+    module._compiled_call_impl = functools.partial(_checkpointed_call, module, checkpoint, module._compiled_call_impl)
 
 
 def _checkpointed_call(module, checkpoint, call, *args, **kwargs):

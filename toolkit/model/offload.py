@@ -23,6 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from .blocks import checkpoint_around_compiled_call
 
 
 class _Offloaded:
@@ -136,8 +137,7 @@ def offload_checkpointed_inputs(model, offloader: ActivationOffloader) -> int:
     for module in modules:
         compiled = getattr(module, "_compiled_call_impl", None)
         if inside and compiled is not None and isinstance(module, GradientCheckpointingLayer):
-            module.gradient_checkpointing = False
-            module._compiled_call_impl = functools.partial(_checkpointed_call, offloader, module, compiled)
+            checkpoint_around_compiled_call(module, function)
         else:
             module._gradient_checkpointing_func = function
     if modules:
@@ -163,13 +163,6 @@ def _stop_inputs_requiring_grad(model) -> None:
             hooks = embeddings._forward_hooks
             for key in [k for k, fn in hooks.items() if getattr(fn, "__name__", "") in names]:
                 del hooks[key]
-
-
-def _checkpointed_call(offloader: ActivationOffloader, module, call, *args, **kwargs):
-    """``call`` (a block's compiled call) under :func:`offloaded_checkpoint` while training."""
-    if not (module.training and torch.is_grad_enabled()):
-        return call(*args, **kwargs)
-    return offloaded_checkpoint(offloader, functools.partial(call, **kwargs), *args)
 
 
 def checkpoint_inside_compiled_block() -> bool:

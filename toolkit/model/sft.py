@@ -120,8 +120,7 @@ class SupervisedFinetune(BaseModel):
                       f"keep their activations", logger="current")
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
-        self.compiled = _wants_compile(compile) and torch.cuda.is_available()
-        if self.compiled:
+        if _wants_compile(compile) and torch.cuda.is_available():
             options = compile if isinstance(compile, dict) else None
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
