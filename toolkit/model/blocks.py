@@ -38,9 +38,15 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
     ``torch.compiler.disable`` they become graph breaks: the block compiles into the pieces between the
     weight fetches (norms, RoPE, activations, residual adds fused), the same graphs for every layer. Where a
     block checkpoints inside its compiled call, the checkpoint moves around it (:func:`_checkpoint_outside`).
+
+    DeepSpeed's memory-efficient linear (``zero3_linear_wrap``, which it installs as
+    ``torch.nn.functional.linear``) is wrapped the same way: on the H100/H200 machine's torch 2.11 dynamo
+    compiled it as a frame of its own, once per input shape and grad mode, until its recompile limit, then ran
+    it eagerly anyway. Each linear already sits between two weight fetches, so running it eagerly costs no
+    fusion.
     """
     import torch
-    wrapped = 0
+    wrapped = _linear_out_of_compile()
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key, hook in list(hooks.items()):
@@ -52,6 +58,19 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
     if wrapped:
         _checkpoint_outside(model)
     return wrapped
+
+
+def _linear_out_of_compile() -> int:
+    """Wrap DeepSpeed's replacement of ``torch.nn.functional.linear`` (if installed) in
+    ``torch.compiler.disable``, once; returns 1 if it did."""
+    import torch
+    linear = torch.nn.functional.linear
+    deepspeed = (getattr(linear, "__module__", None) or "").startswith("deepspeed")
+    if not deepspeed or getattr(linear, "_tk_eager", False):
+        return 0
+    torch.nn.functional.linear = torch.compiler.disable(linear)
+    torch.nn.functional.linear._tk_eager = True
+    return 1
 
 
 def _checkpoint_outside(model) -> int:
