@@ -1,6 +1,7 @@
 """How much of a step is padding, on real data: unpacked (random order or length-grouped) against packed.
 
     python3 tools/bench_padding.py [--source champ --map-fn champ] [--max-length 2048] [--batch-size 4]
+                                   [--write-lengths FILE]
 
 Builds the training set the way a config does (SmolLM2's tokenizer and chat template, tk's cache), then
 walks one epoch of batches exactly as the dataloader forms them and counts the positions a step computes
@@ -59,11 +60,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--write-lengths", metavar="FILE",
+                        help="also write the samples' token lengths (JSON) for tools/bench_packing_gpu.py")
     args = parser.parse_args(argv)
     common = dict(tokenizer=args.tokenizer, source=args.source, map_fn=args.map_fn, template=args.template,
                   max_length=args.max_length)
     unpacked = build_sft_dataset(**common).lengths
     packed = build_sft_dataset(**common, pack_to_max_length=True).lengths
+    if args.write_lengths:
+        Path(args.write_lengths).write_text(json.dumps(list(unpacked)) + "\n")
     print(json.dumps({"source": args.source, "samples": len(unpacked), "max_length": args.max_length,
                       "packed_rows": len(packed)}))
     for mode in ("random", "length_grouped"):

@@ -1,0 +1,119 @@
+"""GPU throughput of packed rows against padded batches and full single-document rows, on real lengths.
+
+    python3 tools/bench_padding.py --write-lengths tools/champ_lengths.json     # once, where the data is
+    python3 tools/bench_packing_gpu.py --model /tmp/llama7b --lengths tools/champ_lengths.json
+
+Takes the token lengths of a real training set (CHAMP with SmolLM2's template, written by bench_padding.py)
+and trains one epoch of them three ways through tk's own model wrapper (``SupervisedFinetune``, LoRA r=64 on
+every linear layer, gradient checkpointing, bf16, fused AdamW), with random token ids of those lengths:
+
+- padded: ``LengthGroupedSampler`` batches of ``--batch-size`` padded to their longest (the shipped configs);
+- packed: best-fit rows of ``--max-length`` (what ``pack_to_max_length=True`` builds), one row a step with
+  position ids restarting per document (``packed_collate_fn``), so attention stays within each document;
+- full: as many rows of ``--max-length`` tokens, each a single document (no padding, no document bounds):
+  the ceiling packed rows are measured against.
+
+Prints one JSON line per way: steps, real tokens, positions computed, seconds, real tokens per second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_padding import batches  # noqa: E402
+from toolkit.data.collate import packed_collate_fn, sft_collate_fn  # noqa: E402
+from toolkit.data.pack import best_fit_bins  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _item(length: int, vocab: int, generator) -> dict:
+    ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+    return {"input_ids": ids, "labels": ids, "pad_token_id": 0}
+
+
+def epoch_batches(lengths: list, way: str, batch_size: int, max_length: int, vocab: int) -> list:
+    """The batches of one epoch over documents of ``lengths`` (random ids), as the dataloader forms them."""
+    generator = torch.Generator().manual_seed(0)
+    if way == "padded":
+        return [sft_collate_fn([_item(lengths[i], vocab, generator) for i in step])
+                for step in batches(lengths, batch_size, "length_grouped")]
+    rows = best_fit_bins(lengths, max_length, seed=0)
+    if way == "packed":
+        out = []
+        for row in rows:
+            items = [_item(lengths[i], vocab, generator) for i in row]
+            for item in items:
+                item["position_ids"] = list(range(len(item["input_ids"])))
+            out.append(packed_collate_fn(items))
+        return out
+    return [sft_collate_fn([_item(max_length, vocab, generator)]) for _ in rows]
+
+
+def build(model_dir: str):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from toolkit.model.sft import SupervisedFinetune
+    llm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    adapter = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS, bias="none",
+                         task_type="CAUSAL_LM")
+    model = SupervisedFinetune(llm, adapter=adapter, gradient_checkpointing=True).cuda().train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    return model, optimizer
+
+
+def step(model, optimizer, batch: dict) -> float:
+    batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**batch)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def measure(model, optimizer, way: str, epoch: list, warmup: int) -> dict:
+    for batch in epoch[:warmup]:
+        step(model, optimizer, batch)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in epoch:
+        step(model, optimizer, batch)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    real = sum(int((b["labels"] != -100).sum()) for b in epoch)  # padding is labelled -100
+    positions = sum(b["input_ids"].numel() for b in epoch)
+    return {"way": way, "steps": len(epoch), "real_tokens": real, "positions": positions,
+            "seconds": round(seconds, 3), "real_tokens_per_s": round(real / seconds, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="HF folder of a llama-shaped model")
+    parser.add_argument("--lengths", required=True, help="JSON list of token lengths (bench_padding.py)")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--ways", default="padded,packed,full")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (this measures GPU throughput; bench_padding.py counts padding on a CPU)")
+    lengths = json.loads(Path(args.lengths).read_text())
+    model, optimizer = build(args.model)
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    for way in args.ways.split(","):
+        epoch = epoch_batches(lengths, way, args.batch_size, args.max_length, vocab)
+        print(json.dumps(measure(model, optimizer, way, epoch, args.warmup)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
