@@ -1,7 +1,7 @@
 """GPU throughput of packed rows against padded batches and full single-document rows, on real lengths.
 
     python3 tools/bench_padding.py --write-lengths tools/champ_lengths.json     # once, where the data is
-    python3 tools/bench_packing_gpu.py --model /tmp/llama7b --lengths tools/champ_lengths.json
+    python3 tools/bench_packing_gpu.py --model /tmp/llama7b --lengths tools/champ_lengths.json [--attn sdpa]
 
 Takes the token lengths of a real training set (CHAMP with SmolLM2's template, written by bench_padding.py)
 and trains one epoch of them three ways through tk's own model wrapper (``SupervisedFinetune``, LoRA r=64 on
@@ -58,11 +58,11 @@ def epoch_batches(lengths: list, way: str, batch_size: int, max_length: int, voc
     return [sft_collate_fn([_item(max_length, vocab, generator)]) for _ in rows]
 
 
-def build(model_dir: str):
+def build(model_dir: str, attn: str = "sdpa"):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from toolkit.model.sft import SupervisedFinetune
-    llm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    llm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn)
     adapter = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS, bias="none",
                          task_type="CAUSAL_LM")
     model = SupervisedFinetune(llm, adapter=adapter, gradient_checkpointing=True).cuda().train()
@@ -103,15 +103,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--ways", default="padded,packed,full")
+    parser.add_argument("--attn", default="sdpa", help="attn_implementation, e.g. flex_attention (block-sparse "
+                        "document masks for packed rows instead of sdpa's dense [T, T] mask)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (this measures GPU throughput; bench_padding.py counts padding on a CPU)")
     lengths = json.loads(Path(args.lengths).read_text())
-    model, optimizer = build(args.model)
+    model, optimizer = build(args.model, args.attn)
     vocab = model.llm.get_input_embeddings().num_embeddings
     for way in args.ways.split(","):
         epoch = epoch_batches(lengths, way, args.batch_size, args.max_length, vocab)
-        print(json.dumps(measure(model, optimizer, way, epoch, args.warmup)), flush=True)
+        print(json.dumps({**measure(model, optimizer, way, epoch, args.warmup), "attn": args.attn}), flush=True)
     return 0
 
 
