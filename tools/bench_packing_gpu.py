@@ -2,6 +2,7 @@
 
     python3 tools/bench_padding.py --write-lengths tools/champ_lengths.json     # once, where the data is
     python3 tools/bench_packing_gpu.py --model /tmp/llama7b --lengths tools/champ_lengths.json [--attn sdpa]
+                                       [--pad-to-multiple N]
 
 Takes the token lengths of a real training set (CHAMP with SmolLM2's template, written by bench_padding.py)
 and trains one epoch of them three ways through tk's own model wrapper (``SupervisedFinetune``, LoRA r=64 on
@@ -14,6 +15,8 @@ every linear layer, gradient checkpointing, bf16, fused AdamW), with random toke
   the ceiling packed rows are measured against.
 
 Prints one JSON line per way: steps, real tokens, positions computed, seconds, real tokens per second.
+Padded batches and packed rows change length from step to step; ``--pad-to-multiple N`` rounds them up, to
+tell a per-shape cost (cuDNN attention plans, GEMM heuristics) from the attention mask's.
 """
 from __future__ import annotations
 
@@ -56,6 +59,25 @@ def epoch_batches(lengths: list, way: str, batch_size: int, max_length: int, voc
             out.append(packed_collate_fn(items))
         return out
     return [sft_collate_fn([_item(max_length, vocab, generator)]) for _ in rows]
+
+
+def pad_to_multiple(batch: dict, multiple: int) -> dict:
+    """``batch`` with its rows lengthened to a multiple of ``multiple`` positions: pad ids, ignored labels, no
+    attention (padded batches) or a trailing document of its own (packed rows: position ids from 0). Fewer
+    distinct shapes a epoch, for kernels that plan or tune per shape, at the cost of the added positions."""
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if not extra:
+        return batch
+    fills = {"input_ids": 0, "labels": -100, "attention_mask": 0}
+    out = {}
+    for key, value in batch.items():
+        if key == "position_ids":
+            tail = torch.arange(extra, dtype=value.dtype).expand(value.shape[0], extra)
+        else:
+            tail = torch.full((value.shape[0], extra), fills[key], dtype=value.dtype)
+        out[key] = torch.cat([value, tail], dim=1)
+    return out
 
 
 def build(model_dir: str, attn: str = "sdpa"):
@@ -103,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--ways", default="padded,packed,full")
+    parser.add_argument("--pad-to-multiple", type=int, default=0, metavar="N",
+                        help="lengthen every batch to a multiple of N positions (fewer distinct shapes)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation, e.g. flex_attention (block-sparse "
                         "document masks for packed rows instead of sdpa's dense [T, T] mask)")
     args = parser.parse_args(argv)
@@ -113,7 +137,10 @@ def main(argv=None) -> int:
     vocab = model.llm.get_input_embeddings().num_embeddings
     for way in args.ways.split(","):
         epoch = epoch_batches(lengths, way, args.batch_size, args.max_length, vocab)
-        print(json.dumps({**measure(model, optimizer, way, epoch, args.warmup), "attn": args.attn}), flush=True)
+        if args.pad_to_multiple:
+            epoch = [pad_to_multiple(batch, args.pad_to_multiple) for batch in epoch]
+        print(json.dumps({**measure(model, optimizer, way, epoch, args.warmup), "attn": args.attn,
+                          "pad_to_multiple": args.pad_to_multiple}), flush=True)
     return 0
 
 
