@@ -200,6 +200,35 @@ def test_strided_gemms_make_no_hidden_copies_on_cuda():
     torch.testing.assert_close(_kb_apply(kb, state).double(), applied, atol=1e-5 * applied.abs().max().item(), rtol=0)
 
 
+def _cuda_kernels(fn):
+    """The names of the CUDA kernels ``fn`` launches, in order (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_forward_kb_gemm_runs_the_backward_kernel_on_cuda(monkeypatch):
+    """The vqc expval build's forward Kb GEMM, given Kb as a transposed view (TK_QUANTUM_KB_FORWARD's default),
+    is for cuBLAS the problem of backward's Kb^T GEMMs at the bench's sizes (64 circuits, n = 10: a 512 MiB
+    state), so it runs the same kernel (on the H100 the old 'n' operand ran sm80_xmma_..._nn_..._32x64 at
+    474 µs a call, backward's cutlass_80_simt_sgemm_128x32 at 396 µs), and computes what the old operand did."""
+    from toolkit.model.adapters.quantum.vqc import _kb_apply, _kb_forward_operands
+    monkeypatch.delenv("TK_QUANTUM_KB_FORWARD", raising=False)
+    torch.manual_seed(0)
+    kb = torch.randn(2, 64, 32, 32, device="cuda")                   # [sublayers, circuits, B, B]
+    state = torch.randn(32, 64, 32, 1024, 2, device="cuda")          # [B, C, A, columns, re/im]
+    forward = _kb_forward_operands(kb)[1]
+    forward_kernels = _cuda_kernels(lambda: _kb_apply(forward, state))
+    backward_kernels = _cuda_kernels(lambda: _kb_apply(kb[1].mT, state))
+    assert forward_kernels and forward_kernels == backward_kernels, (forward_kernels, backward_kernels)
+    plain = _kb_apply(kb[1], state)
+    torch.testing.assert_close(_kb_apply(forward, state), plain, atol=1e-5 * plain.abs().max().item(), rtol=0)
+
+
 def test_tq_build_and_readout_node_on_cuda_equal_the_cpu():
     """tq's unitary build (4 x 4 CU3 einsums: complex batched GEMMs) and the expectation readout node on CUDA
     at the bench's sizes (64 circuits, n = 8; 2,048 tokens, d 4,096, bf16 x) equal the same on the CPU,

@@ -397,6 +397,95 @@ def test_vqc_real_unitary_has_no_small_batched_gemm_with_a_long_reduction(monkey
     assert not long_small, long_small
 
 
+def _kb_gemms(n, circuits):
+    """(phase, Kb operand strides, state view shape and strides, output strides) of each Kb GEMM of the build
+    (an fp32 bmm into a given output whose first operand is [C, B, B]), forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    bb, phase, calls = 2 ** (n - n // 2), ["forward"], []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ == "bmm" and "out" in kwargs and args[0].dtype == torch.float32 \
+                    and tuple(args[0].shape) == (circuits, bb, bb):
+                kb, x = args
+                calls.append((phase[0], kb.stride(), (tuple(x.shape), x.stride()), kwargs["out"].stride()))
+            return func(*args, **kwargs)
+
+    theta = torch.empty(circuits, 3, 4, n).uniform_(-math.pi, math.pi).requires_grad_()
+    with Record():
+        out = vqc_real_unitary(theta, n)
+        phase[0] = "backward"
+        out.backward(torch.randn_like(out))
+    return calls
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_vqc_real_unitary_forward_kb_gemms_are_the_backward_ones(monkeypatch, n):
+    """Every Kb GEMM of the build, forward and backward, hands cuBLAS one problem: the same shapes, strides and
+    transposes (Kb a transposed view, 't'). On the H100 backward's ran a faster kernel than the forward's 'n'
+    ones (396 against 474 µs a call at the bench's sizes). Control: TK_QUANTUM_KB_FORWARD=plain (the layout
+    of before) makes two problems."""
+    monkeypatch.delenv("TK_QUANTUM_KB_FORWARD", raising=False)
+    bb = 2 ** (n - n // 2)
+    calls = _kb_gemms(n, circuits=3)
+    assert [phase for phase, *_ in calls] == ["forward"] * 5 + ["backward"] * 10           # 6 sublayers
+    assert {tuple(problem) for _, *problem in calls} == {((bb * bb, 1, bb),) + tuple(calls[0][2:])}
+    monkeypatch.setenv("TK_QUANTUM_KB_FORWARD", "plain")
+    plain = _kb_gemms(n, circuits=3)
+    assert {phase: kb for phase, kb, *_ in plain} == {"forward": (bb * bb, bb, 1), "backward": (bb * bb, 1, bb)}
+
+
+@pytest.mark.parametrize("layout", ["transposed", "plain"])
+@pytest.mark.parametrize("n, layers, circuits", [(2, 2, 2), (5, 2, 3), (8, 2, 2), (10, 2, 2)])
+def test_vqc_real_unitary_forward_kb_layouts_equal_the_reference(monkeypatch, layout, n, layers, circuits):
+    """Both layouts of the forward's Kb operand (TK_QUANTUM_KB_FORWARD) build the einsum build's [Re U; Im U] and
+    θ gradients, up to the bench's n = 10 (A = B = 32, 1,024 columns; fewer circuits and layers)."""
+    monkeypatch.setenv("TK_QUANTUM_KB_FORWARD", layout)
+    torch.manual_seed(n)
+    theta = torch.empty(circuits, layers, 4, n).uniform_(-math.pi, math.pi).requires_grad_()
+    fast, slow = vqc_real_unitary(theta, n), real_form(vqc_unitary_by_states(theta, n))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    weights = torch.randn_like(fast)
+    (fast_grad,), (slow_grad,) = (torch.autograd.grad((out * weights).sum(), theta) for out in (fast, slow))
+    torch.testing.assert_close(fast_grad, slow_grad, atol=2e-5 * slow_grad.abs().max().item(), rtol=1e-4)
+
+
+def test_vqc_real_unitary_with_a_wrong_kb_layout_differs_from_the_reference(monkeypatch):
+    """Control for the test above: the forward's Kb operand laid out without its transposing view (Kb^T's values
+    where Kb's belong) no longer builds the reference's unitary."""
+    from toolkit.model.adapters.quantum import vqc
+    monkeypatch.setattr(vqc, "_kb_forward_operands", lambda kb: kb.mT.contiguous())
+    torch.manual_seed(0)
+    theta = torch.empty(2, 2, 4, 5).uniform_(-math.pi, math.pi)
+    wrong, slow = vqc_real_unitary(theta, 5), real_form(vqc_unitary_by_states(theta, 5))
+    assert (wrong - slow).abs().max() > 0.05
+
+
+def test_count_vqc_build_maps_the_bench_build(monkeypatch):
+    """tools/count_vqc_build.py at the 7B bench's build (64 circuits, n = 10, L = 10; meta device): the six
+    per-sublayer GEMMs of docs/quantum.md's map, 19 or 38 calls each, each streaming the 512 MiB state once or
+    twice (~1 GiB a call), and the forward's Kb GEMM the backward's problem."""
+    import importlib.util
+    from pathlib import Path
+    monkeypatch.delenv("TK_QUANTUM_KB_FORWARD", raising=False)
+    monkeypatch.delenv("TK_QUANTUM_KB_CHUNK", raising=False)
+    path = Path(__file__).resolve().parents[2] / "tools" / "count_vqc_build.py"
+    spec = importlib.util.spec_from_file_location("count_vqc_build", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = tool.count(10, 10, 64)
+    gemms = [row for row in rows if row[2] == "gemm"]
+    assert sum(row[0] for row in gemms) == 158
+    streaming = sorted((phase, dtype, calls, round(nbytes / 2 ** 20)) for calls, phase, _, dtype, _, nbytes in gemms
+                       if nbytes >= 2 ** 30)
+    assert streaming == [("backward", "complex64", 19, 1040), ("backward", "complex64", 38, 1040),
+                         ("backward", "float32", 19, 1040), ("backward", "float32", 38, 1024),
+                         ("forward", "complex64", 19, 1040), ("forward", "float32", 19, 1024)]
+    kb = {phase: what for calls, phase, _, dtype, what, nbytes in gemms if dtype == "float32" and nbytes == 1074003968}
+    assert kb["forward"] == kb["backward"] and "(64, 32, 32)(1024, 1, 32) @" in kb["forward"]
+
+
 def test_vqc_real_unitary_keeps_no_intermediate_states_for_backward():
     """What the expval build saves for backward: its inputs and its output, not its 2L intermediate states
     (those made the 7B bench's peak 44.7 GiB against LoRA's 22.5)."""
@@ -506,13 +595,16 @@ def test_expval_readout_node_equals_autograd_and_keeps_less(kind, n, dtype):
 
 
 @pytest.mark.parametrize("name,value", [("TK_QUANTUM_KB_CHUNK", "abc"), ("TK_QUANTUM_KB_CHUNK", "0"),
-                                        ("TK_QUANTA_PLAN", "Plain")])
+                                        ("TK_QUANTA_PLAN", "Plain"), ("TK_QUANTUM_KB_FORWARD", "nt")])
 def test_a_bad_speed_setting_in_the_environment_is_one_line(monkeypatch, name, value):
     from toolkit.errors import UserError
     from toolkit.model.adapters.quantum import quanta, vqc
     monkeypatch.setenv(name, value)
-    with pytest.raises(UserError, match=f"{name}={value!r} must be"):
-        vqc.kb_chunk() if name == "TK_QUANTUM_KB_CHUNK" else quanta.batched_plan()
+    read = {"TK_QUANTUM_KB_CHUNK": vqc.kb_chunk, "TK_QUANTA_PLAN": quanta.batched_plan,
+            "TK_QUANTUM_KB_FORWARD": vqc.kb_forward_transposed}[name]
+    with pytest.raises(UserError, match=f"{name}={value!r} must be") as error:
+        read()
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("dims", [[4096], [2] * 8])

@@ -144,8 +144,9 @@ class _BasisColumns(torch.autograd.Function):
         sub, bb, c, aa, _ = m.shape
         cols = aa * bb
         x = (m[0, :, :, :, :, None] * kb[0].transpose(0, 1)[:, :, None, None, :]).reshape(bb, c, aa, cols)  # on I
+        kb_forward = _kb_forward_operands(kb)
         for s in range(1, sub):
-            x = torch.view_as_complex(_kb_apply(kb[s], torch.view_as_real(x)))
+            x = torch.view_as_complex(_kb_apply(kb_forward[s], torch.view_as_real(x)))
             x = (m[s].reshape(bb * c, aa, aa) @ x.reshape(bb * c, aa, cols)).reshape(bb, c, aa, cols)
         out = torch.view_as_real(x).permute(1, 4, 2, 0, 3).reshape(c, 2 * cols, cols)   # rows: (re/im, a, b)
         ctx.save_for_backward(m, kb, out)
@@ -196,6 +197,27 @@ def kb_chunk() -> int:
         raise UserError(f"TK_QUANTUM_KB_CHUNK={text!r} must be a whole number >= 1 (e.g. 1024, the default); "
                         f"unset it or fix the value")
     return int(text)
+
+
+def kb_forward_transposed() -> bool:
+    """Whether the forward's Kb GEMMs take Kb as a transposed view (default) or, with
+    ``TK_QUANTUM_KB_FORWARD=plain``, as it is (the layout before 2026-11-23's fourth session), to compare on one
+    machine; anything else is one line."""
+    text = os.environ.get("TK_QUANTUM_KB_FORWARD", "transposed")
+    if text not in ("transposed", "plain"):
+        raise UserError(f"TK_QUANTUM_KB_FORWARD={text!r} must be 'transposed' (the default) or 'plain'; "
+                        f"unset it or fix it")
+    return text == "transposed"
+
+
+def _kb_forward_operands(kb):
+    """Kb [S, C, B, B] as the forward's GEMM operands: transposed views of a contiguous copy of Kb^T (5 MiB at
+    the 7B bench's 64 circuits, n = 10, 20 sublayers), so that each forward Kb GEMM is, for cuBLAS, the same
+    problem as backward's (which multiply by Kb^T, a transposed view of Kb): same shapes, strides and
+    transposes, operand 't' instead of 'n'. On the H100 backward's ran ``cutlass_80_simt_sgemm_128x32`` at
+    396 µs a call, the forward's ``sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize32x64`` at 474 µs (19 calls a
+    step), each streaming the same 1 GiB (docs/quantum.md)."""
+    return kb.mT.contiguous().mT if kb_forward_transposed() else kb
 
 
 def _kb_apply(kb, x_real):
