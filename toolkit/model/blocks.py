@@ -39,38 +39,49 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
     weight fetches (norms, RoPE, activations, residual adds fused), the same graphs for every layer. Where a
     block checkpoints inside its compiled call, the checkpoint moves around it (:func:`_checkpoint_outside`).
 
-    DeepSpeed's memory-efficient linear (``zero3_linear_wrap``, which it installs as
-    ``torch.nn.functional.linear``) is wrapped the same way: on the H100/H200 machine's torch 2.11 dynamo
-    compiled it as a frame of its own, once per input shape and grad mode, until its recompile limit, then ran
-    it eagerly anyway. Each linear already sits between two weight fetches, so running it eagerly costs no
-    fusion.
+    For a model with DeepSpeed's hooks, DeepSpeed's memory-efficient linear (``zero3_linear_wrap``, which
+    ZeRO-3 installs as ``torch.nn.functional.linear``) is wrapped the same way (:func:`_linear_out_of_compile`).
     """
     import torch
-    wrapped = _linear_out_of_compile()
+    wrapped = found = 0
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key, hook in list(hooks.items()):
-                deepspeed = (getattr(hook, "__module__", None) or "").startswith("deepspeed")
-                if deepspeed and not getattr(hook, "_tk_eager", False):
+                if getattr(hook, "_tk_eager", False):
+                    found += 1
+                elif (getattr(hook, "__module__", None) or "").startswith("deepspeed"):
                     hooks[key] = torch.compiler.disable(hook)
                     hooks[key]._tk_eager = True
                     wrapped += 1
+    if wrapped or found:
+        _linear_out_of_compile()
     if wrapped:
         _checkpoint_outside(model)
     return wrapped
 
 
-def _linear_out_of_compile() -> int:
-    """Wrap DeepSpeed's replacement of ``torch.nn.functional.linear`` (if installed) in
-    ``torch.compiler.disable``, once; returns 1 if it did."""
+#: tk's compile-disabled wrapper of DeepSpeed's ``torch.nn.functional.linear``, once made
+_eager_linear = None
+
+
+def _linear_out_of_compile() -> bool:
+    """Make ``torch.nn.functional.linear`` a ``torch.compiler.disable`` wrapper of DeepSpeed's replacement,
+    if DeepSpeed installed one; returns whether it is that wrapper now.
+
+    On the GPU machine's torch 2.11, dynamo compiled ``zero3_linear_wrap`` as a frame of its own, once per
+    input shape and grad mode, until its recompile limit, then ran it eagerly anyway. Each linear already sits
+    between two weight fetches, so calling it eagerly costs no fusion. Like DeepSpeed's own replacement, this
+    lasts for the process: a later ``torch.compile`` there breaks its graphs at every linear.
+    """
+    global _eager_linear
     import torch
     linear = torch.nn.functional.linear
-    deepspeed = (getattr(linear, "__module__", None) or "").startswith("deepspeed")
-    if not deepspeed or getattr(linear, "_tk_eager", False):
-        return 0
-    torch.nn.functional.linear = torch.compiler.disable(linear)
-    torch.nn.functional.linear._tk_eager = True
-    return 1
+    if linear is _eager_linear and _eager_linear is not None:
+        return True
+    if not (getattr(linear, "__module__", None) or "").startswith("deepspeed"):
+        return False
+    _eager_linear = torch.nn.functional.linear = torch.compiler.disable(linear)
+    return True
 
 
 def _checkpoint_outside(model) -> int:
