@@ -14,7 +14,13 @@ every linear layer, gradient checkpointing, bf16, fused AdamW), with random toke
 - full: as many rows of ``--max-length`` tokens, each a single document (no padding, no document bounds):
   the ceiling packed rows are measured against.
 
-Prints one JSON line per way: steps, real tokens, positions computed, seconds, real tokens per second.
+One model and optimizer serve every way, in the order of ``--ways`` (the first way also grows the CUDA
+allocator's cache; run ``--ways`` one at a time, or reversed, to check the order does not matter). Each way
+is timed over ``--epochs`` passes, tokens/s from the last. One row a step: a config with
+``pack_to_max_length=True`` and ``batch_size=4`` joins four packed rows into one of about 8k tokens.
+
+Prints one JSON line per way: steps, real tokens, positions computed, seconds per pass, real tokens per
+second, distinct batch lengths.
 Padded batches and packed rows change length from step to step; ``--pad-to-multiple N`` rounds them up, to
 tell a per-shape cost (cuDNN attention plans, GEMM heuristics) from the attention mask's.
 """
@@ -102,19 +108,32 @@ def step(model, optimizer, batch: dict) -> float:
     return loss.item()
 
 
-def measure(model, optimizer, way: str, epoch: list, warmup: int) -> dict:
+def real_tokens(batch: dict) -> int:
+    """Positions that hold a document's token: the attention mask's ones (padded batches), else the whole row
+    less a padding tail (``pad_to_multiple`` labels it -100; every real token of these items is labelled)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["labels"] != -100).sum())
+
+
+def measure(model, optimizer, way: str, epoch: list, warmup: int, epochs: int) -> dict:
+    """Time ``epochs`` passes over ``epoch`` after ``warmup`` steps; tokens/s from the last pass, in which every
+    batch shape has been seen before (the first pass meets most of them for the first time)."""
     for batch in epoch[:warmup]:
         step(model, optimizer, batch)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for batch in epoch:
-        step(model, optimizer, batch)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    real = sum(int((b["labels"] != -100).sum()) for b in epoch)  # padding is labelled -100
+    seconds = []
+    for _ in range(epochs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in epoch:
+            step(model, optimizer, batch)
+        torch.cuda.synchronize()
+        seconds.append(round(time.perf_counter() - start, 3))
+    real = sum(real_tokens(b) for b in epoch)
     positions = sum(b["input_ids"].numel() for b in epoch)
     return {"way": way, "steps": len(epoch), "real_tokens": real, "positions": positions,
-            "seconds": round(seconds, 3), "real_tokens_per_s": round(real / seconds, 1)}
+            "seconds_per_epoch": seconds, "real_tokens_per_s": round(real / seconds[-1], 1),
+            "distinct_lengths": len({b["input_ids"].shape[1] for b in epoch})}
 
 
 def main(argv=None) -> int:
@@ -124,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2, help="timed passes; tokens/s from the last")
     parser.add_argument("--ways", default="padded,packed,full")
     parser.add_argument("--pad-to-multiple", type=int, default=0, metavar="N",
                         help="lengthen every batch to a multiple of N positions (fewer distinct shapes)")
@@ -137,9 +157,9 @@ def main(argv=None) -> int:
     vocab = model.llm.get_input_embeddings().num_embeddings
     for way in args.ways.split(","):
         epoch = epoch_batches(lengths, way, args.batch_size, args.max_length, vocab)
-        if args.pad_to_multiple:
+        if args.pad_to_multiple and way != "full":  # full rows stay the unmasked ceiling
             epoch = [pad_to_multiple(batch, args.pad_to_multiple) for batch in epoch]
-        print(json.dumps({**measure(model, optimizer, way, epoch, args.warmup), "attn": args.attn,
+        print(json.dumps({**measure(model, optimizer, way, epoch, args.warmup, args.epochs), "attn": args.attn,
                           "pad_to_multiple": args.pad_to_multiple}), flush=True)
     return 0
 

@@ -61,3 +61,13 @@ def test_padding_to_a_multiple_adds_only_ignored_positions_and_a_separate_tail_d
     rounded = pad_to_multiple(padded, 64)
     assert rounded["attention_mask"].sum() == padded["attention_mask"].sum()
     assert ((rounded["labels"] != -100) == rounded["attention_mask"].bool()).all()
+
+
+def test_real_tokens_count_the_documents_not_the_padding():
+    from bench_packing_gpu import pad_to_multiple, real_tokens
+    for way in ("padded", "packed"):
+        epoch = epoch_batches(LENGTHS, way, batch_size=4, max_length=2048, vocab=100)
+        rounded = [pad_to_multiple(batch, 256) for batch in epoch]
+        assert sum(real_tokens(b) for b in rounded) == sum(real_tokens(b) for b in epoch)
+    packed = epoch_batches(LENGTHS, "packed", batch_size=4, max_length=2048, vocab=100)
+    assert sum(real_tokens(b) for b in packed) == sum(LENGTHS)
