@@ -26,3 +26,16 @@ def test_length_grouping_pads_less_than_random_order():
 def test_packed_rows_have_no_padding_and_report_their_fill():
     figures = padding_figures([16, 12], 1, "random", packed=True, max_length=16)
     assert figures["real_share"] == 1.0 and figures["row_fill_of_max_length"] == 0.875
+
+
+def test_write_lengths_writes_the_real_samples_token_lengths(tmp_path, capsys):
+    """The lengths tools/bench_packing_gpu.py trains on: CHAMP under SmolLM2's template, one per sample."""
+    import json
+    from bench_padding import main
+    out = tmp_path / "lengths.json"
+    assert main(["--write-lengths", str(out)]) == 0
+    lengths = json.loads(out.read_text())
+    figures = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lengths) == figures[0]["samples"] and sum(lengths) == figures[1]["real_tokens"]
+    assert all(0 < n <= 2048 for n in lengths)
+    assert lengths == json.loads((Path(__file__).resolve().parents[2] / "tools" / "champ_lengths.json").read_text())
