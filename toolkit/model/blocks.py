@@ -76,7 +76,7 @@ def _linear_out_of_compile() -> bool:
     global _eager_linear
     import torch
     linear = torch.nn.functional.linear
-    if linear is _eager_linear and _eager_linear is not None:
+    if linear is _eager_linear:
         return True
     if not (getattr(linear, "__module__", None) or "").startswith("deepspeed"):
         return False
