@@ -15,6 +15,7 @@ quanta banks its gates' oriented matrices the same way (quanta.py).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -38,7 +39,26 @@ def _versions(delta):
     """What says a parameter changed since the bank read it: its in-place version counter, and its storage
     (``load_state_dict(assign=True)`` and ``.to()`` give a new tensor). Writes that bypass the counter (fused
     optimizers, ``.data`` copies) are covered by :func:`_forget_after_step`."""
-    return tuple((p._version, p.data_ptr()) for p in delta.bank_params())
+    return tuple((p._version, _storage(p)) for p in delta.bank_params())
+
+
+def _storage(param):
+    """Which tensor ``param`` is: its storage, or under DeepSpeed ZeRO-3 (which gathers a parameter into new
+    storage for every module forward and frees it after) its ZeRO id."""
+    return ("zero", param.ds_id) if hasattr(param, "ds_id") else param.data_ptr()
+
+
+def _gathered(params):
+    """Under DeepSpeed ZeRO-3 the bank's parameters are partitioned outside their layers' forwards, where the
+    bank builds: gather them for the build (read only; their gradients still reach ZeRO's reduction hooks)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    # small ones (ZeRO's persistence threshold) stay gathered once a module has used them: leave those be
+    partitioned = [p for p in params if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned \
+        else contextlib.nullcontext()
 
 
 _BANKS = weakref.WeakSet()
@@ -64,7 +84,8 @@ class UnitaryBank:
         _BANKS.add(self)
 
     def refresh(self, *_):
-        with torch.autocast(device_type=self.deltas[0].bank_params()[0].device.type, enabled=False):
+        params = [p for delta in self.deltas for p in delta.bank_params()]
+        with _gathered(params), torch.autocast(device_type=params[0].device.type, enabled=False):
             self.current = self.deltas[0].build_bank(self.deltas)
         self.versions = [_versions(d) for d in self.deltas]
 
