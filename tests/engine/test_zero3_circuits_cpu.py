@@ -10,16 +10,15 @@ where `tk train` crashed): its logits and the losses equal ZeRO-2's
 (same data, same init; only float summation order may differ), they fall, and every adapted layer takes its
 unitary from the bank (no layer builds its own). quanta banks its fused node's gate matrices, a CUDA default
 that ``TK_QUANTA_FUSED=1`` turns on here."""
-import json
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("deepspeed")
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "gpu"))
-from gpu_helpers import free_port  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from one_process import run_one_process  # noqa: E402
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -76,15 +75,9 @@ SCRIPT = textwrap.dedent('''
 
 
 def _run(kind, stage, threshold=0):
-    import os
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "", "TK_QUANTA_FUSED": "1"}
-    root = __import__("pathlib").Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", SCRIPT, kind, str(stage), str(threshold)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
-    return json.loads(lines[0][7:])
+    done, result = run_one_process(SCRIPT, kind, stage, threshold, TK_QUANTA_FUSED="1")
+    assert result is not None, done.stderr[-3000:]
+    return result
 
 
 @pytest.mark.parametrize("kind", ["vqc", "tq", "quanta"])

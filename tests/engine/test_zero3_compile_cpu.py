@@ -9,16 +9,15 @@ uncompiled ZeRO-3 run exactly (same ops, same order). With gradient checkpointin
 checkpoints inside the compiled call, where a graph break would make dynamo run the whole block eagerly
 (silently: no compiled graph runs, the second control); tk moves the checkpoint around the compiled call.
 """
-import json
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("deepspeed")
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "gpu"))
-from gpu_helpers import free_port  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from one_process import run_one_process  # noqa: E402
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
@@ -76,14 +75,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def _run(mode, checkpointing=False):
-    import os
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": ""}
-    root = __import__("pathlib").Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(int(checkpointing))], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    return done, (json.loads(lines[0][7:]) if lines else None)
+    return run_one_process(SCRIPT, mode, int(checkpointing))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])

@@ -9,7 +9,6 @@ update Δy = M(T)x - M(S)x exactly zero at the start (W itself is never touched 
 from __future__ import annotations
 
 import functools
-import heapq
 import itertools
 import math
 import os
@@ -18,9 +17,8 @@ import string
 import torch
 from torch import nn
 
-from ....errors import UserError
 from .bank import bank_unitary
-from .fused import circuit_matmul_precision
+from .fused import circuit_matmul_precision, new_or_old
 
 
 def default_dims(in_features: int, out_features: int, n_axes: int = 4) -> list[int]:
@@ -138,10 +136,7 @@ def batched_plan() -> bool:
     """Whether the fused node plans batched strided GEMMs (default) or, with ``TK_QUANTA_PLAN=plain``, plain 2-D
     GEMMs with each gate's pair at an end of the layout (more copies: the layouts before 2026-11-23's third
     session), to compare the two on one machine."""
-    text = os.environ.get("TK_QUANTA_PLAN", "batched")
-    if text not in ("batched", "plain"):
-        raise UserError(f"TK_QUANTA_PLAN={text!r} must be 'batched' (the default) or 'plain'; unset it or fix it")
-    return text == "batched"
+    return new_or_old("TK_QUANTA_PLAN", "batched", "plain")
 
 
 def plan(n_axes: int, batched: bool = True):

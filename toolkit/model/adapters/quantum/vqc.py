@@ -17,7 +17,7 @@ from torch import nn
 from ....errors import UserError
 from . import simulator as sim
 from .bank import ThetaBank, bank_unitary
-from .fused import circuit_matmul_precision
+from .fused import circuit_matmul_precision, new_or_old
 from .tq import expval_delta
 
 
@@ -203,11 +203,7 @@ def kb_forward_transposed() -> bool:
     """Whether the forward's Kb GEMMs take Kb as a transposed view (default) or, with
     ``TK_QUANTUM_KB_FORWARD=plain``, as it is (the layout before 2026-11-23's fourth session), to compare on one
     machine; anything else is one line."""
-    text = os.environ.get("TK_QUANTUM_KB_FORWARD", "transposed")
-    if text not in ("transposed", "plain"):
-        raise UserError(f"TK_QUANTUM_KB_FORWARD={text!r} must be 'transposed' (the default) or 'plain'; "
-                        f"unset it or fix it")
-    return text == "transposed"
+    return new_or_old("TK_QUANTUM_KB_FORWARD", "transposed", "plain")
 
 
 def _kb_forward_operands(kb):
