@@ -8,6 +8,7 @@ import torch
 from ..assets import resolve_model_path
 from ..builder import build
 from ..errors import UserError
+from . import varlen_attention  # noqa: F401  registers attn_implementation='tk_varlen' with transformers
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -11,11 +11,14 @@ vocab), only one chunk's (1 GiB at 8192 tokens). The loss is the sum over all ch
 trained count, so it and its gradients are the unchunked ones up to float rounding. The price is one more
 head forward per chunk in backward (about 2% of a 7B step).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.encode import IGNORE_INDEX
+from .varlen_attention import packed_attention_kwargs, packed_rows, uses_varlen
 
 #: trained positions per head chunk; 8192 x 32000 fp32 logits = 1 GiB
 DEFAULT_CHUNK_TOKENS = 8192
@@ -66,13 +69,17 @@ def causal_lm_loss(model, input_ids, labels, attention_mask=None, position_ids=N
     than a linear layer, is not chunked).
     """
     inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    parts = _plain_decoder(model)
-    if parts is None:
-        return model(**inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                     use_cache=False).loss
-    decoder, head = parts
-    hidden = decoder(**inputs, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
+    packed = attention_mask is None and position_ids is not None and uses_varlen(model)
+    if packed:  # document boundaries for the varlen kernel, once per forward (varlen_attention.py)
+        inputs.update(packed_attention_kwargs(position_ids))
+    with packed_rows() if packed else contextlib.nullcontext():
+        parts = _plain_decoder(model)
+        if parts is None:
+            return model(**inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                         use_cache=False).loss
+        decoder, head = parts
+        hidden = decoder(**inputs, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
