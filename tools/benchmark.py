@@ -74,7 +74,7 @@ optim_wrapper = dict(
 param_scheduler = []
 train_cfg = dict(type=TrainLoop, max_iters={steps})
 
-custom_hooks = [dict(type=BenchmarkHook, warmup={warmup}{peak}, profile_rows={profile_rows})]
+custom_hooks = [dict(type=BenchmarkHook, warmup={warmup}{peak}, profile_rows={profile_rows}{trace})]
 default_hooks = dict(timer=dict(type=IterTimerHook), logger=dict(type=LoggerHook, interval={log_interval}),
                      param_scheduler=dict(type=ParamSchedulerHook), checkpoint={checkpoint})
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl'))
@@ -101,7 +101,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
               dtype: str | None = None, profile_rows: int = 0, compile: bool | dict = False,
               offload_activations: bool = False, tiled_mlp: bool | int = False, upcast: bool = True,
-              save_attention: bool = False, checkpoint_every: int = 1) -> str:
+              save_attention: bool = False, checkpoint_every: int = 1, trace: bool = False) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
     adapter = "None" if method == "full" else (
@@ -122,6 +122,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         clip=f"dict(max_norm={clip})" if clip else "None", accum=accum,
         amp=f", dtype='{'bfloat16' if precision == 'bf16' else 'float16'}'" if amp else "",
         steps=steps, warmup=warmup, optimizer_import=optimizer_import, profile_rows=profile_rows,
+        trace=", trace=True" if trace else "",
         compile=f"\n    compile={compile!r}," if compile else "",
         long_context=("\n    offload_activations=True," if offload_activations else "")
         + (f"\n    tiled_mlp={tiled_mlp}," if tiled_mlp else "") + ("" if upcast else "\n    upcast_unquantized=False,")
@@ -159,8 +160,9 @@ class BenchmarkHook(Hook):
     priority = "NORMAL"
 
     def __init__(self, warmup: int = 5, peak_tflops: float | None = None, out_file: str = "throughput.json",
-                 profile_rows: int = 0):
+                 profile_rows: int = 0, trace: bool = False):
         self.warmup, self.peak_tflops, self.out_file = warmup, peak_tflops, out_file
+        self.trace = trace  # with profile_rows: also write the step's chrome trace and its idle-gap report
         self.tokens, self.start, self.seq_len = 0, None, 0
         self.peaks = (0, 0)  # (allocated, reserved) bytes: the largest seen after any timed iteration
         self.profile_rows, self.profiler = profile_rows, None
@@ -173,7 +175,7 @@ class BenchmarkHook(Hook):
             self.profiler.__enter__()
             self.profile_start = time.perf_counter()
 
-    def _print_profile(self) -> None:
+    def _print_profile(self, runner) -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - self.profile_start
         self.profiler.__exit__(None, None, None)
@@ -183,6 +185,11 @@ class BenchmarkHook(Hook):
                   + events.table(sort_by="self_device_time_total", row_limit=self.profile_rows)
                   + "\nby CPU time (the host side: a step whose GPU is idle is bound here)\n"
                   + events.table(sort_by="cpu_time_total", row_limit=self.profile_rows), logger="current")
+        if self.trace and get_rank() == 0:
+            from trace_gaps import report
+            path = os.path.join(runner.work_dir, "trace.json")
+            self.profiler.export_chrome_trace(path)
+            print_log("where the GPU waited on the host:\n" + report(path, self.profile_rows), logger="current")
         self.profiler = None
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -191,7 +198,7 @@ class BenchmarkHook(Hook):
             torch.cuda.synchronize()
         done = runner.iter + 1
         if self.profiler is not None:
-            self._print_profile()
+            self._print_profile(runner)
         if done == self.warmup:
             self.start, self.tokens = time.perf_counter(), 0
             if cuda:
@@ -282,7 +289,7 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
                              compile=_compile_setting(args),
                              offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp or False,
                              upcast=not args.no_upcast, save_attention=args.save_attention,
-                             checkpoint_every=args.checkpoint_every))
+                             checkpoint_every=args.checkpoint_every, trace=args.trace))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
     if args.deepspeed:
         command += ["--deepspeed", args.deepspeed]
@@ -371,6 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="profile tk's last warm-up step; its log shows the ROWS costliest GPU ops")
+    parser.add_argument("--trace", action="store_true", help="with --profile: also write the profiled step's "
+                        "chrome trace (tk_METHOD/trace.json) and print where the GPU waited (tools/trace_gaps.py)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
 
