@@ -141,6 +141,23 @@ def test_causal_lm_loss_passes_boundaries_only_to_a_varlen_model(gqa_llama, monk
     assert len(seen) == 2 and all(mask is None and cu.tolist() == [0, 5, 14, 17, 24] for mask, cu in seen)
 
 
+def test_checkpointed_recompute_keeps_the_document_boundaries(gqa_llama, monkeypatch):
+    """Backward recomputes each checkpointed layer with the boundaries its forward had (were they lost, the
+    recompute would attend across documents and the gradients would belong to another model)."""
+    seen = []
+    original = va.varlen_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((torch._C._current_graph_task_id() != -1, kwargs.get("cu_seq_lens_q") is not None))
+        return original(module, query, key, value, attention_mask, **kwargs)
+    monkeypatch.setitem(va.AttentionInterface._global_mapping, va.NAME, spy)
+    lora = dict(type=LoraConfig, r=4, lora_alpha=8, target_modules=["q_proj"])
+    model = SupervisedFinetune(_load(gqa_llama, va.NAME), lora, gradient_checkpointing=True).train()
+    ids, positions = _packed_row()
+    model(ids, ids, position_ids=positions)["loss"].backward()
+    assert seen == [(False, True)] * 2 + [(True, True)] * 2
+
+
 def test_kernel_refusals_name_the_reason():
     query = torch.zeros(1, 2, 4, 8)
     reason = va.kernel_refusal(query, 0.0, None)
