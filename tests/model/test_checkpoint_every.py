@@ -105,3 +105,19 @@ def test_blocks_are_counted_within_each_stack():
     assert checkpoint_every_kth_block(model, 2) == (4, 7)
     assert [layer.gradient_checkpointing for layer in model.vision] == [True, False, True]
     assert [layer.gradient_checkpointing for layer in model.language] == [True, False, True, False]
+
+
+def test_checkpoint_moved_inside_forward_recomputes_every_block_with_the_same_numbers(tiny_llama_dir):
+    """checkpoint_inside_forward (the arrangement a compiled block can trace): each block still recomputes once
+    in backward, and loss and gradients equal HF's checkpoint around the call, LoRA dropout 0.1 included."""
+    from toolkit.model.selective_checkpoint import checkpoint_inside_forward
+    reference = _step(_model(tiny_llama_dir, gradient_checkpointing=True))
+    model = _model(tiny_llama_dir, gradient_checkpointing=True)
+    assert checkpoint_inside_forward(model.llm) == LAYERS
+    layers = model.llm.base_model.model.model.layers
+    assert not any(layer.gradient_checkpointing for layer in layers)  # HF's own checkpoint is off
+    ours = _step(model)
+    assert ours[2] == 2 * LAYERS
+    assert torch.equal(ours[0], reference[0])
+    assert ours[1].keys() == reference[1].keys()
+    assert all(torch.equal(ours[1][name], grad) for name, grad in reference[1].items())

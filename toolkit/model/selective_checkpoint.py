@@ -102,6 +102,29 @@ def _forward_saving_attention(layer, forward, offloader, *args, **kwargs):
     return checkpoint(function, *args, use_reentrant=False, context_fn=save_attention_contexts)
 
 
+def _forward_checkpointed(layer, forward, *args, **kwargs):
+    """``forward(*args, **kwargs)`` under plain non-reentrant checkpoint while training."""
+    if not (layer.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    return checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=False)
+
+
+def checkpoint_inside_forward(model) -> int:
+    """Move each gradient-checkpointed decoder layer's checkpoint from around its ``__call__`` (transformers
+    5.17) into its ``forward``, so that a compiled block traces it: AOTAutograd then recomputes inside the
+    block's compiled backward graph, instead of torch.utils.checkpoint's Python running the compiled forward
+    again from the autograd engine. Same numbers as HF's checkpoint; returns how many layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+        layer.forward = functools.partial(_forward_checkpointed, layer, layer.forward)
+    if layers:
+        _stop_inputs_requiring_grad(model)
+    return len(layers)
+
+
 def checkpoint_saving_attention(model, offloader=None) -> int:
     """Checkpoint every gradient-checkpointed decoder layer of ``model`` the selective way (module doc);
     with ``offloader`` (an :class:`.offload.ActivationOffloader`) its input also goes to host memory.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from mmengine.logging import print_log
@@ -124,6 +125,10 @@ class SupervisedFinetune(BaseModel):
             options = compile if isinstance(compile, dict) else None
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
+            if (recompute_attention and not offload_activations and gradient_checkpointing
+                    and os.environ.get("TK_CHECKPOINT_IN_GRAPH") == "1"):  # experiment: see checkpoint_inside_forward
+                print_log(f"TK_CHECKPOINT_IN_GRAPH=1: {selective_checkpoint.checkpoint_inside_forward(self.llm)} "
+                          f"blocks checkpoint inside their compiled graph", logger="current")
             # DeepSpeed adds its hooks after this; the model's first call (a training step, or a hook's generate:
             # both start at the embeddings) wraps them before any compiled block runs
             embeddings = self.llm.get_input_embeddings()
