@@ -101,7 +101,8 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
               dtype: str | None = None, profile_rows: int = 0, compile: bool | dict = False,
               offload_activations: bool = False, tiled_mlp: bool | int = False, upcast: bool = True,
-              save_attention: bool = False, checkpoint_every: int = 1, trace: bool = False) -> str:
+              save_attention: bool = False, checkpoint_every: int = 1, trace: bool = False,
+              loss_chunk_tokens: int | None = None) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
     adapter = "None" if method == "full" else (
@@ -127,7 +128,8 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         long_context=("\n    offload_activations=True," if offload_activations else "")
         + (f"\n    tiled_mlp={tiled_mlp}," if tiled_mlp else "") + ("" if upcast else "\n    upcast_unquantized=False,")
         + ("\n    recompute_attention=False," if save_attention else "")
-        + (f"\n    checkpoint_every={checkpoint_every}," if checkpoint_every > 1 else ""),
+        + (f"\n    checkpoint_every={checkpoint_every}," if checkpoint_every > 1 else "")
+        + (f"\n    loss_chunk_tokens={loss_chunk_tokens}," if loss_chunk_tokens else ""),
         peak=f", peak_tflops={peak_tflops}" if peak_tflops else "", log_interval=log_interval,
         checkpoint=("None" if not save_every else
                     f"dict(type='CheckpointHook', by_epoch=False, interval={save_every}, max_keep_ckpts=1)"))
@@ -289,7 +291,8 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
                              compile=_compile_setting(args),
                              offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp or False,
                              upcast=not args.no_upcast, save_attention=args.save_attention,
-                             checkpoint_every=args.checkpoint_every, trace=args.trace))
+                             checkpoint_every=args.checkpoint_every, trace=args.trace,
+                             loss_chunk_tokens=args.loss_chunk_tokens))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
     if args.deepspeed:
         command += ["--deepspeed", args.deepspeed]
@@ -374,6 +377,9 @@ def main(argv=None) -> int:
                         "kernel's outputs instead of recomputing attention in backward (recompute_attention=False)")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="K",
                         help="tk checkpoints only every K-th block (checkpoint_every=K; the baseline all of them)")
+    parser.add_argument("--loss-chunk-tokens", type=_positive_int, metavar="N",
+                        help="tk computes the LM head and loss N trained tokens at a time (loss_chunk_tokens=N; "
+                        "default 8192): fewer logits held at once")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
