@@ -24,7 +24,8 @@ def _one_step(folder, quantized: bool, compile: bool, dropout: float = 0.0):
     torch.manual_seed(0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = SupervisedFinetune(llm, lora, gradient_checkpointing=True, compile=compile).cuda()
+    # train(): from_pretrained leaves the model in eval mode, where neither checkpointing nor dropout runs
+    model = SupervisedFinetune(llm, lora, gradient_checkpointing=True, compile=compile).cuda().train()
     torch.manual_seed(2)
     with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient
         for name, p in model.named_parameters():

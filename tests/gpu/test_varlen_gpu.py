@@ -77,7 +77,7 @@ def _train_step(folder, attn, compile=False, rows=((DOCS, 0),), dropout=0.1):
     from toolkit.model.sft import SupervisedFinetune
     torch.manual_seed(0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = SupervisedFinetune(_load(folder, attn), lora, gradient_checkpointing=True, compile=compile).cuda()
+    model = SupervisedFinetune(_load(folder, attn), lora, gradient_checkpointing=True, compile=compile).cuda().train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

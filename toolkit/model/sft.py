@@ -126,7 +126,9 @@ class SupervisedFinetune(BaseModel):
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
             if (recompute_attention and not offload_activations and gradient_checkpointing
-                    and os.environ.get("TK_CHECKPOINT_IN_GRAPH") == "1"):  # experiment: see checkpoint_inside_forward
+                    and os.environ.get("TK_CHECKPOINT_IN_GRAPH") in ("1", "rng")):  # experiment: checkpoint_inside_forward
+                if os.environ["TK_CHECKPOINT_IN_GRAPH"] == "rng":  # replay dropout from philox state, never save masks
+                    torch._functorch.config.functionalize_rng_ops = True
                 print_log(f"TK_CHECKPOINT_IN_GRAPH=1: {selective_checkpoint.checkpoint_inside_forward(self.llm)} "
                           f"blocks checkpoint inside their compiled graph", logger="current")
             # DeepSpeed adds its hooks after this; the model's first call (a training step, or a hook's generate:
