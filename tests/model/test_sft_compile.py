@@ -14,7 +14,7 @@ def test_compile_without_cuda_falls_back_to_the_plain_path(tiny_llama_dir, monke
     MMLogger.get_instance("tk-test-compile")
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     losses, grads = [], []
-    for compile in (False, True):  # compile=True also switches checkpointing to the reentrant kind
+    for compile in (False, True):  # without CUDA compile=True changes nothing, checkpointing included
         torch.manual_seed(0)
         llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
         model = SupervisedFinetune(llm, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
@@ -44,28 +44,75 @@ def _checkpoint_kind(model) -> bool:
     return next(iter(funcs)).keywords["use_reentrant"]
 
 
-def test_reentrant_checkpointing_only_for_compiled_peft_blocks_and_never_for_circuit_adapters(
-        tiny_llama_dir, monkeypatch):
-    """With blocks compiled on CUDA (simulated: no compile runs here), peft adapters checkpoint the reentrant
-    way; vqc's unitary, built once a forward, would be backpropagated twice by reentrant checkpoints, so
-    it keeps the non-reentrant kind and trains."""
+def _layers(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _checkpointed_in_forward(layer) -> bool:
+    return getattr(getattr(layer.forward, "func", None), "__name__", "") == "_forward_checkpointed"
+
+
+def test_compiled_peft_blocks_checkpoint_inside_their_graph_and_circuit_adapters_never(tiny_llama_dir, monkeypatch):
+    """With blocks compiled on CUDA (simulated: no compile runs here) and transformers checkpointing around
+    the call (5.17), a peft adapter's blocks carry a non-reentrant checkpoint inside their forward (traced into
+    the compiled graph) and transformers' own is off; vqc, and uncompiled models, keep transformers'
+    non-reentrant checkpoint. Never the reentrant kind: around compiled blocks it ran the inference graph in
+    forward and the training graph in the recompute, other dropout masks (sft.checkpoint_in_compiled_graph)."""
     import toolkit.model.offload as offload
     import toolkit.model.sft as sft
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(sft, "compile_blocks", lambda model, options=None: 0)
     monkeypatch.setattr(offload, "checkpoint_inside_compiled_block", lambda: False)
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    kinds = {}
+    seen = {}
     for name, adapter in [("lora", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)),
                           ("vqc", dict(type="vqc", n_qubits=2, n_layers=1, target_modules=["q_proj", "v_proj"]))]:
         for compile in (True, False, dict()):
             llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
             model = SupervisedFinetune(llm, adapter, gradient_checkpointing=True, compile=compile).train()
-            kinds[name, str(compile)] = _checkpoint_kind(model)
+            layers = _layers(model)
+            assert _checkpoint_kind(model) is False
+            seen[name, str(compile)] = (all(_checkpointed_in_forward(m) and not m.gradient_checkpointing for m in layers)
+                                        if _checkpointed_in_forward(layers[0]) else
+                                        "hf" if all(m.gradient_checkpointing for m in layers) else "mixed")
         model(ids, ids.clone())["loss"].backward()  # the last one: vqc or lora, compiled
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert kinds == {("lora", "True"): True, ("lora", "False"): False, ("lora", "{}"): True,
-                     ("vqc", "True"): False, ("vqc", "False"): False, ("vqc", "{}"): False}
+    assert seen == {("lora", "True"): True, ("lora", "False"): "hf", ("lora", "{}"): True,
+                    ("vqc", "True"): "hf", ("vqc", "False"): "hf", ("vqc", "{}"): "hf"}
+
+
+def test_under_zero3_the_in_graph_checkpoint_moves_around_the_compiled_call(tiny_llama_dir):
+    """DeepSpeed's hooks become graph breaks, and dynamo cannot break a graph inside a checkpoint: the blocks
+    get their own forward back and a non-reentrant checkpoint around the (here: stand-in) compiled call, and
+    train the numbers of transformers' checkpoint."""
+    import functools
+
+    from toolkit.model.blocks import _checkpoint_outside
+    from toolkit.model.selective_checkpoint import checkpoint_inside_forward
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(move):
+        torch.manual_seed(0)
+        llm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        model = SupervisedFinetune(llm, LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "down_proj"],
+                                                   init_lora_weights=False), gradient_checkpointing=True).train()
+        calls = []
+        if move:
+            assert checkpoint_inside_forward(model.llm) == llm.config.num_hidden_layers
+            for layer in _layers(model):  # stands in for block.compile(): counts the compiled calls
+                plain = functools.partial(torch.nn.Module._call_impl, layer)
+                layer._compiled_call_impl = lambda *a, _plain=plain, **k: calls.append(1) or _plain(*a, **k)
+            assert _checkpoint_outside(model.llm) == llm.config.num_hidden_layers
+            assert not any(_checkpointed_in_forward(m) or m.gradient_checkpointing for m in _layers(model))
+        torch.manual_seed(1)
+        loss = model(ids, ids.clone())["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+    (loss_a, grads_a, _), (loss_b, grads_b, calls) = step(False), step(True)
+    assert calls == 2 * 2  # forward and the recompute, per layer of the tiny llama (2 layers)
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
 def test_circuit_adapter_with_reentrant_checkpointing_fails_which_is_why_it_is_not_used(tiny_llama_dir):

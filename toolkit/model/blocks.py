@@ -86,6 +86,8 @@ def _linear_out_of_compile() -> bool:
 
 def _checkpoint_outside(model) -> int:
     """Checkpoint each compiled block around its compiled call instead of inside it; returns how many moved.
+    Blocks tk checkpoints inside the compiled graph (``sft.checkpoint_in_compiled_graph``) move the same way,
+    with the non-reentrant kind.
 
     transformers 5.2x checkpoints inside a layer's ``forward``, so ``block.compile()`` traces the checkpoint as
     one higher-order op, and dynamo cannot break a graph inside one: with DeepSpeed's hooks made graph breaks,
@@ -94,6 +96,7 @@ def _checkpoint_outside(model) -> int:
     tk's own selective checkpoint (``recompute_attention=False``) must stay inside; those blocks run eagerly,
     and a warning says so.
     """
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
     from .offload import checkpoint_inside_compiled_block
     selective = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None
@@ -104,9 +107,15 @@ def _checkpoint_outside(model) -> int:
                   f"inside the compiled call, where DeepSpeed's hooks break the graph, so dynamo runs these "
                   f"{len(selective)} blocks eagerly (same numbers, no fused kernels)", logger="current",
                   level=logging.WARNING)
-    if not checkpoint_inside_compiled_block():
-        return 0
     moved = 0
+    for module in model.modules():  # tk's checkpoint inside the compiled graph (sft.checkpoint_in_compiled_graph)
+        if (getattr(module, "_compiled_call_impl", None) is not None
+                and getattr(getattr(module.forward, "func", None), "__name__", "") == "_forward_checkpointed"):
+            module.forward = module.forward.args[1]  # the layer's own forward again
+            checkpoint_around_compiled_call(module, functools.partial(torch_checkpoint, use_reentrant=False))
+            moved += 1
+    if not checkpoint_inside_compiled_block():
+        return moved
     for module in model.modules():
         compiled = getattr(module, "_compiled_call_impl", None)
         if (isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False)
