@@ -11,6 +11,8 @@ every linear layer, gradient checkpointing, bf16, fused AdamW), with random toke
 - padded: ``LengthGroupedSampler`` batches of ``--batch-size`` padded to their longest (the shipped configs);
 - packed: best-fit rows of ``--max-length`` (what ``pack_to_max_length=True`` builds), one row a step with
   position ids restarting per document (``packed_collate_fn``), so attention stays within each document;
+- split: the documents end to end, cut into rows of exactly ``--max-length`` (``pack_to_max_length='split'``,
+  XTuner's packing), one row a step;
 - full: as many rows of ``--max-length`` tokens, each a single document (no padding, no document bounds):
   the ceiling packed rows are measured against.
 
@@ -32,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_padding import batches  # noqa: E402
 from toolkit.data.collate import packed_collate_fn, sft_collate_fn  # noqa: E402
-from toolkit.data.pack import best_fit_bins  # noqa: E402
+from toolkit.data.encode import Encoded  # noqa: E402
+from toolkit.data.pack import best_fit_bins, pack_split  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,6 +59,16 @@ def epoch_batches(lengths: list, way: str, batch_size: int, max_length: int, voc
     if way == "padded":
         return [sft_collate_fn([_item(lengths[i], vocab, generator) for i in step])
                 for step in batches(lengths, batch_size, "length_grouped")]
+    if way == "split":
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        dummy = np.zeros(int(offsets[-1]), dtype=np.int32)
+        _, pieces = pack_split(Encoded(dummy, dummy.copy(), offsets, np.asarray(lengths)), max_length, seed=0)
+        out = []
+        for row in pieces:
+            item = _item(sum(row), vocab, generator)
+            item["position_ids"] = [p for n in row for p in range(n)]
+            out.append(packed_collate_fn([item]))
+        return out
     rows = best_fit_bins(lengths, max_length, seed=0)
     if way == "packed":
         out = []
@@ -144,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2, help="timed passes; tokens/s from the last")
-    parser.add_argument("--ways", default="padded,packed,full")
+    parser.add_argument("--ways", default="padded,packed,split,full")
     parser.add_argument("--pad-to-multiple", type=int, default=0, metavar="N",
                         help="lengthen every batch to a multiple of N positions (fewer distinct shapes)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation, e.g. flex_attention (block-sparse "

@@ -8,10 +8,11 @@ import torch
 
 from toolkit.data.collate import sft_collate_fn
 from toolkit.data.dataset import apply_map_fn, build_sft_dataset, resolve_map_fn
-from toolkit.data.encode import IGNORE_INDEX, encode_conversations
-from toolkit.data.pack import best_fit_bins, pack_encoded
+from toolkit.data.encode import IGNORE_INDEX, Encoded, encode_conversations
+from toolkit.data.pack import best_fit_bins, pack_encoded, pack_split
 from toolkit.data.sources import load_records
 from toolkit.data.templates import get_template
+from toolkit.errors import UserError
 from toolkit.model.loss import causal_lm_loss
 
 
@@ -122,3 +123,47 @@ def test_packed_dataset_trains_on_the_same_loss(tiny_llama_dir, tokenizer, tmp_p
     plain_loss, plain_tokens = total_loss(plain, 4)
     assert packed_tokens == plain_tokens
     assert packed_loss == pytest.approx(plain_loss, rel=1e-5)
+
+
+def test_split_packing_lays_documents_end_to_end_in_full_rows():
+    """Three documents of 5, 7 and 3 tokens in rows of 6: [doc0 + doc1's first token], [doc1's other 6], [doc2];
+    every piece's first target is untrained (it would be predicted across a document or row boundary)."""
+    ids = np.arange(1, 16, dtype=np.int32)
+    encoded = Encoded(ids, ids.copy(), np.array([0, 5, 12, 15]), np.array([5, 7, 3]))
+    rows, pieces = pack_split(encoded, 6, shuffle=False)
+    assert rows.offsets.tolist() == [0, 6, 12, 15] and pieces == [[5, 1], [6], [3]]
+    assert rows.ids.tolist() == ids.tolist()
+    assert rows.labels.tolist() == [IGNORE_INDEX, 2, 3, 4, 5, IGNORE_INDEX, IGNORE_INDEX, 8, 9, 10, 11, 12,
+                                    IGNORE_INDEX, 14, 15]
+    assert rows.num_trained.tolist() == [4, 5, 2]
+
+
+def test_split_packing_of_champ_keeps_every_token_and_fills_every_row(tokenizer):
+    encoded = champ_encoded(tokenizer, 40, max_length=1024)
+    rows, pieces = pack_split(encoded, 1000, seed=3)
+    order = np.random.default_rng(3).permutation(40)
+    assert rows.ids.tolist() == np.concatenate([encoded.ids[encoded.offsets[i]:encoded.offsets[i + 1]]
+                                                for i in order]).tolist()
+    lengths = rows.lengths.tolist()
+    assert set(lengths[:-1]) == {1000} and 0 < lengths[-1] <= 1000
+    assert [sum(p) for p in pieces] == lengths
+    # trained targets lost: only those at a cut inside a document (the first token of a document is a prompt)
+    doc_starts = set(np.cumsum([0] + [int(encoded.lengths[i]) for i in order]).tolist())
+    cuts_inside = [r * 1000 for r in range(1, len(lengths)) if r * 1000 not in doc_starts]
+    before = np.concatenate([encoded.labels[encoded.offsets[i]:encoded.offsets[i + 1]] for i in order])
+    lost = sum(int(before[c] != IGNORE_INDEX) for c in cuts_inside)
+    assert int(rows.num_trained.sum()) == int(encoded.num_trained.sum()) - lost
+    assert sum(len(p) for p in pieces) == 40 + len(cuts_inside)
+
+
+def test_split_packed_dataset_and_a_bad_pack_value(tokenizer, tmp_path):
+    source = tmp_path / "champ30.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in load_records("champ")[:30]))
+    common = dict(tokenizer=tokenizer, source=str(source), map_fn="champ", template="chatml", max_length=512)
+    split = build_sft_dataset(**common, pack_to_max_length="split")
+    plain = build_sft_dataset(**common)
+    assert sum(split.lengths) == sum(plain.lengths) and set(split.lengths[:-1]) == {512}
+    item = split[0]
+    assert item["position_ids"][0] == 0 and len(item["position_ids"]) == 512
+    with pytest.raises(UserError, match="pack_to_max_length='yes': choose False, True"):
+        build_sft_dataset(**common, pack_to_max_length="yes")

@@ -20,7 +20,7 @@ from . import sources as sources_module
 from .cache import cached_dataset
 from .encode import Encoded, encode_conversations
 from .formats import FormatError, check_messages
-from .pack import best_fit_bins, pack_encoded, take
+from .pack import best_fit_bins, pack_encoded, pack_split, take
 from .sources import BadRecord, describe_source, load_records
 from .templates import get_template, is_auto
 
@@ -98,11 +98,15 @@ def build_sft_dataset(tokenizer, source, map_fn=None, template="chatml", system=
     Samples longer than ``max_length`` are truncated, or dropped with ``drop_long_samples=True``
     (axolotl's ``drop_long_seq``: no reply is learnt without its end). Either way a sample left with
     no trained token is dropped, and the log says how many were. ``pack_to_max_length`` packs the
-    samples (shuffled with ``seed`` first) into rows of ``max_length`` tokens, documents kept apart.
+    samples (shuffled with ``seed`` first) into rows of ``max_length`` tokens, documents kept apart: True
+    places whole documents best-fit, ``'split'`` cuts them end to end into full rows (pack.py).
     A bad record stops the run with its index, unless ``skip_bad_records`` (then it is counted and logged).
     ``num_proc`` > 1 encodes in that many processes.
     """
     from ..model.loader import build_tokenizer
+    if pack_to_max_length not in (False, True, "split"):
+        raise UserError(f"pack_to_max_length={pack_to_max_length!r}: choose False, True (whole documents, "
+                        f"best fit) or 'split' (documents cut end to end into full rows)")
     tokenizer = build_tokenizer(tokenizer)
     map_fn = resolve_map_fn(map_fn)
     template_dict = get_template(template)
@@ -144,7 +148,14 @@ def _build(tokenizer, source, map_fn, template, *, system, max_length, drop_long
                   f"max_length={max_length}", logger="current", level=logging.WARNING)
     encoded = take(encoded, np.flatnonzero(keep))
     doc_lengths = None
-    if pack_to_max_length:
+    if pack_to_max_length == "split":
+        tokens = int(encoded.lengths.sum())
+        encoded, doc_lengths = pack_split(encoded, max_length, seed=seed, shuffle=shuffle_before_pack)
+        cut = sum(len(pieces) for pieces in doc_lengths) - (len(keep) - dropped)
+        print_log(f"dataset: packed {len(keep) - dropped} samples ({tokens} tokens) end to end into "
+                  f"{len(doc_lengths)} rows of {max_length} tokens (the last {int(encoded.lengths[-1])}); "
+                  f"{cut} documents cut at a row end", logger="current")
+    elif pack_to_max_length:
         rows = best_fit_bins(encoded.lengths, max_length, seed=seed, shuffle=shuffle_before_pack)
         tokens = int(encoded.lengths.sum())
         encoded, doc_lengths = pack_encoded(encoded, rows)

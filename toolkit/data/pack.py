@@ -1,10 +1,16 @@
 """Packing: many encoded samples into rows of at most ``max_length`` tokens, documents kept apart.
 
-Documents are shuffled (``seed``), then placed best-fit: each goes into the open row with the least room
-that still holds it, else starts a new row. A document is never split. In a row, every document's
-position ids restart at 0 and its first label is ``IGNORE_INDEX`` (the previous document's last token
-must not learn to predict it), so the loss over a packed row equals the sum over its documents alone.
-The attention side (a block-diagonal causal mask from the position ids) is in collate.py and docs/data.md.
+``pack_to_max_length=True``: documents are shuffled (``seed``), then placed best-fit: each goes into the open
+row with the least room that still holds it, else starts a new row. A document is never split.
+
+``pack_to_max_length='split'`` (XTuner's packing): the shuffled documents are laid end to end and cut every
+``max_length`` tokens, so every row but the last is exactly full and every step has one shape (no padding, no
+unfilled row tails, one compiled graph). A document cut at a row's end continues at the next row's start as
+a piece of its own: the continuation attends only to itself, and the one target across the cut is not trained.
+
+In a row, every document's (or piece's) position ids restart at 0 and its first label is ``IGNORE_INDEX``
+(the previous document's last token must not learn to predict it), so the loss over a packed row equals the
+sum over its documents alone. The attention side is in collate.py, model/varlen_attention.py and docs/data.md.
 """
 from __future__ import annotations
 
@@ -53,3 +59,19 @@ def pack_encoded(encoded: Encoded, rows: list) -> tuple[Encoded, list]:
     trained = np.concatenate([[0], np.cumsum(docs.labels != IGNORE_INDEX, dtype=np.int64)])
     packed = Encoded(docs.ids, docs.labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
     return packed, [d.tolist() for d in doc_lengths]
+
+
+def pack_split(encoded: Encoded, max_length: int, seed: int = 0, shuffle: bool = True) -> tuple[Encoded, list]:
+    """The documents of ``encoded`` end to end (shuffled with ``seed``), cut into rows of ``max_length`` tokens;
+    returns the rows and each row's piece lengths (a document cut at a row end is two pieces)."""
+    order = np.random.default_rng(seed).permutation(len(encoded.lengths)) if shuffle else np.arange(len(encoded.lengths))
+    docs = take(encoded, order)
+    total = int(docs.offsets[-1])
+    row_starts = np.arange(0, total, max_length, dtype=np.int64)
+    cuts = np.union1d(docs.offsets, np.append(row_starts, total))  # every piece's start, and the end
+    docs.labels[cuts[:-1]] = IGNORE_INDEX  # each piece's first target is across a document or row boundary
+    offsets = np.append(row_starts, total)
+    trained = np.concatenate([[0], np.cumsum(docs.labels != IGNORE_INDEX, dtype=np.int64)])
+    rows = Encoded(docs.ids, docs.labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
+    pieces = [np.diff(cuts[(cuts >= start) & (cuts <= end)]).tolist() for start, end in zip(offsets[:-1], offsets[1:])]
+    return rows, pieces
