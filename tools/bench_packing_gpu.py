@@ -150,6 +150,20 @@ def measure(model, optimizer, way: str, epoch: list, warmup: int, epochs: int) -
             "distinct_lengths": len({b["input_ids"].shape[1] for b in epoch})}
 
 
+def profile_step(model, optimizer, batch: dict, path: str) -> str:
+    """One more step of ``batch`` under torch.profiler: its chrome trace at ``path`` and where the GPU waited
+    on the host (tools/trace_gaps.py)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trace_gaps import report
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(model, optimizer, batch)
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+    return report(path, rows=12)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="HF folder of a llama-shaped model")
@@ -161,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ways", default="padded,packed,split,full")
     parser.add_argument("--pad-to-multiple", type=int, default=0, metavar="N",
                         help="lengthen every batch to a multiple of N positions (fewer distinct shapes)")
+    parser.add_argument("--trace-dir", help="also profile one step of each way (its longest batch) and print where "
+                        "the GPU waited on the host; traces written here")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation, e.g. flex_attention (block-sparse "
                         "document masks for packed rows instead of sdpa's dense [T, T] mask)")
     args = parser.parse_args(argv)
@@ -175,6 +191,11 @@ def main(argv=None) -> int:
             epoch = [pad_to_multiple(batch, args.pad_to_multiple) for batch in epoch]
         print(json.dumps({**measure(model, optimizer, way, epoch, args.warmup, args.epochs), "attn": args.attn,
                           "pad_to_multiple": args.pad_to_multiple}), flush=True)
+        if args.trace_dir:
+            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+            longest = max(epoch, key=lambda b: b["input_ids"].numel())
+            print(f"{way}: " + profile_step(model, optimizer, longest, str(Path(args.trace_dir) / f"{way}.json")),
+                  flush=True)
     return 0
 
 
