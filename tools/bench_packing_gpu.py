@@ -100,14 +100,14 @@ def pad_to_multiple(batch: dict, multiple: int) -> dict:
     return out
 
 
-def build(model_dir: str, attn: str = "sdpa"):
+def build(model_dir: str, attn: str = "sdpa", compile: bool = False):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from toolkit.model.sft import SupervisedFinetune
     llm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn)
     adapter = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS, bias="none",
                          task_type="CAUSAL_LM")
-    model = SupervisedFinetune(llm, adapter=adapter, gradient_checkpointing=True).cuda().train()
+    model = SupervisedFinetune(llm, adapter=adapter, gradient_checkpointing=True, compile=compile).cuda().train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
     return model, optimizer
 
@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ways", default="padded,packed,split,full")
     parser.add_argument("--pad-to-multiple", type=int, default=0, metavar="N",
                         help="lengthen every batch to a multiple of N positions (fewer distinct shapes)")
+    parser.add_argument("--compile", action="store_true", help="compiled blocks (compile=True), as the GPU configs")
     parser.add_argument("--trace-dir", help="also profile one step of each way (its longest batch) and print where "
                         "the GPU waited on the host; traces written here")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation, e.g. flex_attention (block-sparse "
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (this measures GPU throughput; bench_padding.py counts padding on a CPU)")
     lengths = json.loads(Path(args.lengths).read_text())
-    model, optimizer = build(args.model, args.attn)
+    model, optimizer = build(args.model, args.attn, args.compile)
     vocab = model.llm.get_input_embeddings().num_embeddings
     for way in args.ways.split(","):
         epoch = epoch_batches(lengths, way, args.batch_size, args.max_length, vocab)

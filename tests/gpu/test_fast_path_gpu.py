@@ -96,8 +96,9 @@ def test_compiled_checkpointed_gradient_is_the_gradient_of_its_own_loss_under_dr
         monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable",
                             lambda self, gradient_checkpointing_kwargs=None: enable(self, {"use_reentrant": True}))
     model = SupervisedFinetune(llm, lora, gradient_checkpointing=True, compile=True).cuda().train()
+    from transformers.modeling_layers import GradientCheckpointingLayer
     kinds = {m._gradient_checkpointing_func.keywords.get("use_reentrant") for m in model.modules()
-             if getattr(m, "gradient_checkpointing", False)}
+             if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing}
     # peft's QLoRA preparation: reentrant around the call; compiled LoRA: tk's own checkpoint in the graph (set())
     assert kinds == ({True} if control or quantized else set())
     weights = [p for p in model.parameters() if p.requires_grad]
