@@ -57,8 +57,8 @@ def test_compiled_peft_blocks_checkpoint_inside_their_graph_and_circuit_adapters
     """With blocks compiled on CUDA (simulated: no compile runs here) and transformers checkpointing around
     the call (5.17), a peft adapter's blocks carry a non-reentrant checkpoint inside their forward (traced into
     the compiled graph) and transformers' own is off; vqc, and uncompiled models, keep transformers'
-    non-reentrant checkpoint. Never the reentrant kind: around compiled blocks it ran the inference graph in
-    forward and the training graph in the recompute, other dropout masks (sft.checkpoint_in_compiled_graph)."""
+    non-reentrant checkpoint. No longer the reentrant kind around the compiled call, whose recompute re-ran the
+    compiled graph from Python inside the autograd engine (slower: sft.checkpoint_in_compiled_graph)."""
     import toolkit.model.offload as offload
     import toolkit.model.sft as sft
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -32,13 +32,14 @@ def checkpoint_in_compiled_graph(compile, adapter, offload_activations: bool, re
     (:func:`.selective_checkpoint.checkpoint_inside_forward`) instead of transformers' checkpoint around the
     compiled call (where transformers 5.17 puts it; 5.2x puts it inside already).
 
-    Around the compiled call neither kind of torch checkpoint fits blocks with dropout. The reentrant kind
-    runs the block's compiled inference graph in forward and its training graph in backward's recompute,
-    and the two draw different dropout masks: on an H100 (small llama, LoRA dropout 0.1) its gradients were
-    73% of their norm away from the non-reentrant kind's, i.e. the gradients of another sample than the loss.
-    The non-reentrant kind is consistent but runs the compiled training graph twice and drops what the first
-    run saves. Inside the graph AOTAutograd plans the recompute within the block's compiled backward: the
-    masks are the forward's, and the 7B LoRA step ran 5.6% faster than the reentrant kind on one H100.
+    Around the compiled call, the reentrant kind (tk's choice there before) runs each block's compiled
+    inference graph in forward, then torch.utils.checkpoint's Python re-runs the compiled training graph from
+    inside the autograd engine; a profile of the 7B LoRA step on an H100 charged most of the GPU's idle time
+    to that (``CheckpointFunctionBackward``). Inside the graph AOTAutograd plans the recompute within the
+    block's compiled backward: the 7B LoRA step ran 5.6% faster on one H100 (9,791 against 9,274 tokens/s),
+    at 15.88 GiB instead of 15.67. Both give the gradient of the step's own loss with LoRA dropout
+    (tests/gpu/test_fast_path_gpu.py: the loss's central difference along the gradient, fp32, 0.25% off for
+    either; a recompute drawing other masks is 6.5% off).
 
     Not for tk's circuit adapters (their unitary is built once a forward; they keep the non-reentrant kind
     around the call), offloaded activations (the offload hooks wrap the checkpoint from outside), or
