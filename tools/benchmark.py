@@ -388,6 +388,8 @@ def main(argv=None) -> int:
                         "chrome trace (tk_METHOD/trace.json) and print where the GPU waited (tools/trace_gaps.py)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args(argv)
+    if args.trace and not args.profile:
+        parser.error("--trace needs --profile ROWS (it writes the profiled step's trace)")
 
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(args.model)

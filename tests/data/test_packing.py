@@ -167,3 +167,7 @@ def test_split_packed_dataset_and_a_bad_pack_value(tokenizer, tmp_path):
     assert item["position_ids"][0] == 0 and len(item["position_ids"]) == 512
     with pytest.raises(UserError, match="pack_to_max_length='yes': choose False, True"):
         build_sft_dataset(**common, pack_to_max_length="yes")
+    with pytest.raises(UserError, match="pack_to_max_length=1: choose"):
+        build_sft_dataset(**common, pack_to_max_length=1)
+    best_fit = build_sft_dataset(**common, pack_to_max_length=True)  # its own cache entry, not the split one
+    assert sorted(best_fit.lengths) != sorted(split.lengths) and max(best_fit.lengths) <= 512

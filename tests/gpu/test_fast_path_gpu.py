@@ -103,8 +103,10 @@ def test_compiled_checkpointed_gradient_is_the_gradient_of_its_own_loss_under_dr
                                                                        preserve_rng_state=False)
     kinds = {m._gradient_checkpointing_func.keywords.get("use_reentrant") for m in model.modules()
              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing}
+    from toolkit.model.offload import checkpoint_inside_compiled_block
     if not quantized:  # (QLoRA: peft's preparation, reentrant around the call)
-        assert kinds == ({False} if control else set())  # set(): tk's own checkpoint, inside the compiled graph
+        # set(): tk's own checkpoint, inside the compiled graph; transformers 5.2x puts its own there itself
+        assert kinds == ({False} if control or checkpoint_inside_compiled_block() else set())
     weights = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in weights:
@@ -140,6 +142,6 @@ def test_compiled_checkpointed_gradient_is_the_gradient_of_its_own_loss_under_dr
            relative_error=abs(slope - norm) / norm)
     assert abs(other_seed - loss.item()) > 1e-4  # dropout is on: other masks, another loss
     if control:
-        assert abs(slope - norm) > 5e-2 * norm
+        assert abs(slope - norm) > 2.5e-2 * norm  # measured 6.5%: well outside the 1% bound
     else:
         assert abs(slope - norm) <= 1e-2 * norm

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from toolkit.errors import UserError
 from toolkit.model import varlen_attention as va
 from toolkit.model.loss import causal_lm_loss
 from toolkit.model.sft import SupervisedFinetune
@@ -53,7 +54,7 @@ def test_packed_kwargs_are_the_document_boundaries():
     (torch.tensor([[0, 1, 1]]), "count up by one"),
 ])
 def test_bad_position_ids_get_one_line(positions, words):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(UserError, match=words):
         va.packed_attention_kwargs(positions)
 
 
@@ -85,7 +86,7 @@ def test_packed_row_gives_sdpa_logits_bit_for_bit_and_each_document_alone(gqa_ll
             start += n
 
 
-def test_packed_forward_builds_no_square_mask(gqa_llama, monkeypatch):
+def test_packed_forward_builds_no_square_mask(monkeypatch):
     calls = []
     monkeypatch.setattr(va, "sdpa_mask", lambda *a, **k: calls.append(1))
     with va.packed_rows():
@@ -139,6 +140,37 @@ def test_causal_lm_loss_passes_boundaries_only_to_a_varlen_model(gqa_llama, monk
     with torch.no_grad():
         causal_lm_loss(_load(gqa_llama, va.NAME), ids, ids, position_ids=positions)
     assert len(seen) == 2 and all(mask is None and cu.tolist() == [0, 5, 14, 17, 24] for mask, cu in seen)
+    # an sdpa model gets no boundaries: its packed rows take transformers' own mask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    sdpa_seen = []
+
+    def sdpa_spy(module, query, key, value, attention_mask, **kwargs):
+        sdpa_seen.append((attention_mask is not None, "cu_seq_lens_q" in kwargs))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    monkeypatch.setitem(va.AttentionInterface._global_mapping, "sdpa", sdpa_spy)
+    with torch.no_grad():
+        causal_lm_loss(_load(gqa_llama, "sdpa"), ids, ids, position_ids=positions)
+    assert sdpa_seen == [(True, False)] * 2
+
+
+def test_packed_call_without_boundaries_or_with_a_window_is_refused(gqa_llama):
+    """Inside a packed forward the mask function builds no mask, so a layer that dropped the boundaries, or
+    a model whose attention is more than causal (a sliding window), would silently see across documents or
+    past the window: one line instead."""
+    llm = _load(gqa_llama, va.NAME)
+    attention = llm.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 6, 16)
+    kv = torch.zeros(1, 2, 6, 16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with va.packed_rows():
+        with pytest.raises(UserError, match="does not pass keyword arguments"):
+            va.varlen_attention_forward(attention, q, kv, kv, None)
+        with pytest.raises(UserError, match="needs sliding_window"):
+            va.varlen_attention_forward(attention, q, kv, kv, None, cu_seq_lens_q=cu, max_length_q=4,
+                                        sliding_window=3)
+    # outside a packed forward (generation, unpacked batches) the same call is sdpa's
+    out, _ = va.varlen_attention_forward(attention, q, kv, kv, None)
+    assert out.shape == (1, 6, 4, 16)
 
 
 def test_checkpointed_recompute_keeps_the_document_boundaries(gqa_llama, monkeypatch):

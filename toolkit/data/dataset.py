@@ -104,7 +104,7 @@ def build_sft_dataset(tokenizer, source, map_fn=None, template="chatml", system=
     ``num_proc`` > 1 encodes in that many processes.
     """
     from ..model.loader import build_tokenizer
-    if pack_to_max_length not in (False, True, "split"):
+    if not (pack_to_max_length is True or pack_to_max_length is False or pack_to_max_length == "split"):
         raise UserError(f"pack_to_max_length={pack_to_max_length!r}: choose False, True (whole documents, "
                         f"best fit) or 'split' (documents cut end to end into full rows)")
     tokenizer = build_tokenizer(tokenizer)

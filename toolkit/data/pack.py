@@ -4,8 +4,8 @@
 row with the least room that still holds it, else starts a new row. A document is never split.
 
 ``pack_to_max_length='split'`` (XTuner's packing): the shuffled documents are laid end to end and cut every
-``max_length`` tokens, so every row but the last is exactly full and every step has one shape (no padding, no
-unfilled row tails, one compiled graph). A document cut at a row's end continues at the next row's start as
+``max_length`` tokens, so every row but the last is exactly full and has one length (no padding, no
+unfilled row tails; the last row is shorter). A document cut at a row's end continues at the next row's start as
 a piece of its own: the continuation attends only to itself, and the one target across the cut is not trained.
 
 In a row, every document's (or piece's) position ids restart at 0 and its first label is ``IGNORE_INDEX``
@@ -73,5 +73,7 @@ def pack_split(encoded: Encoded, max_length: int, seed: int = 0, shuffle: bool =
     offsets = np.append(row_starts, total)
     trained = np.concatenate([[0], np.cumsum(docs.labels != IGNORE_INDEX, dtype=np.int64)])
     rows = Encoded(docs.ids, docs.labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
-    pieces = [np.diff(cuts[(cuts >= start) & (cuts <= end)]).tolist() for start, end in zip(offsets[:-1], offsets[1:])]
+    bounds = np.searchsorted(cuts, offsets)  # rows start and end on cuts
+    lengths = np.diff(cuts)
+    pieces = [lengths[i:j].tolist() for i, j in zip(bounds[:-1], bounds[1:])]
     return rows, pieces

@@ -41,7 +41,8 @@ def checkpoint_in_compiled_graph(compile, adapter, offload_activations: bool, re
     (tests/gpu/test_fast_path_gpu.py: the loss's central difference along the gradient, fp32, 0.25% off for
     either; a recompute drawing other masks is 6.5% off).
 
-    Not for tk's circuit adapters (their unitary is built once a forward; they keep the non-reentrant kind
+    Full fine-tuning (no adapter) takes the same path; it was not measured on one GPU (under ZeRO-3 it moves
+    back, below). Not for tk's circuit adapters (their unitary is built once a forward; they keep the non-reentrant kind
     around the call), offloaded activations (the offload hooks wrap the checkpoint from outside), or
     ``recompute_attention=False`` (its selective checkpoint is inside the compiled graph already). QLoRA
     keeps peft's preparation (measured inside the graph, the 7B QLoRA step held 24.6 GiB instead of 8.0).

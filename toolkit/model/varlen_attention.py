@@ -30,6 +30,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from ..errors import UserError
+
 NAME = "tk_varlen"
 
 _packed = contextvars.ContextVar("tk_varlen_packed_forward", default=False)
@@ -50,13 +52,15 @@ def packed_attention_kwargs(position_ids: torch.Tensor, device=None) -> dict:
     """
     ids = position_ids.detach().to("cpu").reshape(position_ids.shape[0], -1)
     if ids.shape[1] == 0:
-        raise ValueError("packed_attention_kwargs: empty rows")
+        raise UserError("attn_implementation='tk_varlen': a packed batch with empty rows")
     if bool((ids[:, 0] != 0).any()):
-        raise ValueError("packed rows must start a document at position 0 (position_ids[:, 0] != 0)")
+        raise UserError("attn_implementation='tk_varlen': packed rows must start a document at position 0 "
+                        "(position_ids[:, 0] != 0); pack with tk's collate (packed_collate_fn)")
     flat = ids.reshape(-1)
     steps = flat[1:] - flat[:-1]
     if not bool(((steps == 1) | (flat[1:] == 0)).all()):
-        raise ValueError("packed position_ids must count up by one within a document and restart at 0")
+        raise UserError("attn_implementation='tk_varlen': packed position_ids must count up by one within a "
+                        "document and restart at 0; pack with tk's collate (packed_collate_fn)")
     starts = torch.nonzero(flat == 0).flatten()
     boundaries = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
     longest = int((boundaries[1:] - boundaries[:-1]).max())
@@ -136,15 +140,34 @@ def _run_kernel(query, key, value, cu_seq_lens, longest: int, scaling):
     return out.view(batch, length, heads, dim)
 
 
+def _check_packed_call(module, cu_seq_lens, kwargs) -> None:
+    """One-line errors where a packed forward would silently compute other attention than sdpa's: the layer
+    did not pass the boundaries on, or the model's attention is more than causal within a document."""
+    if cu_seq_lens is None:
+        raise UserError(f"attn_implementation='tk_varlen': {type(module).__name__} does not pass keyword arguments "
+                        f"on to its attention function, so packed documents would see each other; use "
+                        f"attn_implementation='sdpa' for this model")
+    extras = [name for name in ("sliding_window", "softcap", "s_aux", "position_bias")
+              if kwargs.get(name) is not None]
+    if not getattr(module, "is_causal", True):
+        extras.append("is_causal=False")
+    if extras:
+        raise UserError(f"attn_implementation='tk_varlen' computes plain causal attention within each document; "
+                        f"{type(module).__name__} needs {', '.join(extras)}: use attn_implementation='sdpa'")
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention function (query [B, H, T, D]); returns ([B, T, H, D], None) like sdpa's."""
     kwargs.pop("cu_seq_lens_k", None)
     kwargs.pop("max_length_k", None)
+    if _packed.get():
+        _check_packed_call(module, cu_seq_lens_q, kwargs)
     if cu_seq_lens_q is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, _, length, _ = query.shape
+    cu_seq_lens_q = cu_seq_lens_q.to(query.device, non_blocking=True)
     if kernel_refusal(query, dropout, scaling) is None:
         return _run_kernel(query, key, value, cu_seq_lens_q, max_length_q or length, scaling), None
     mask = block_causal_mask(cu_seq_lens_q, batch, length)
