@@ -50,7 +50,8 @@ def _layers(model):
 
 
 def _checkpointed_in_forward(layer) -> bool:
-    return getattr(getattr(layer.forward, "func", None), "__name__", "") == "_forward_checkpointed"
+    from toolkit.model.selective_checkpoint import forward_wrapper
+    return forward_wrapper(layer) == "_forward_checkpointed"
 
 
 def test_compiled_peft_blocks_checkpoint_inside_their_graph_and_circuit_adapters_never(tiny_llama_dir, monkeypatch):

@@ -21,9 +21,20 @@ import numpy as np
 from .encode import IGNORE_INDEX, Encoded
 
 
+def _order(count: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The order documents are packed in: shuffled with ``seed``, or as given."""
+    return np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
+
+
+def _rows(docs: Encoded, offsets: np.ndarray) -> Encoded:
+    """``docs``' tokens as rows between ``offsets``, each row's trained count from its labels."""
+    trained = np.concatenate([[0], np.cumsum(docs.labels != IGNORE_INDEX, dtype=np.int64)])
+    return Encoded(docs.ids, docs.labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
+
+
 def best_fit_bins(lengths, max_length: int, seed: int = 0, shuffle: bool = True) -> list:
     """Document indices per row, in the order the rows were opened."""
-    order = np.random.default_rng(seed).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    order = _order(len(lengths), seed, shuffle)
     lengths = np.asarray(lengths)
     rows, room = [], []  # room: sorted (free tokens, row) of rows that can still take something
     for doc in order.tolist():
@@ -56,23 +67,19 @@ def pack_encoded(encoded: Encoded, rows: list) -> tuple[Encoded, list]:
     docs.labels[docs.offsets[:-1][lengths > 0]] = IGNORE_INDEX
     doc_lengths = np.split(lengths, np.cumsum([len(row) for row in rows])[:-1])
     offsets = np.concatenate([[0], np.cumsum([int(d.sum()) for d in doc_lengths])]).astype(np.int64)
-    trained = np.concatenate([[0], np.cumsum(docs.labels != IGNORE_INDEX, dtype=np.int64)])
-    packed = Encoded(docs.ids, docs.labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
-    return packed, [d.tolist() for d in doc_lengths]
+    return _rows(docs, offsets), [d.tolist() for d in doc_lengths]
 
 
 def pack_split(encoded: Encoded, max_length: int, seed: int = 0, shuffle: bool = True) -> tuple[Encoded, list]:
     """The documents of ``encoded`` end to end (shuffled with ``seed``), cut into rows of ``max_length`` tokens;
     returns the rows and each row's piece lengths (a document cut at a row end is two pieces)."""
-    order = np.random.default_rng(seed).permutation(len(encoded.lengths)) if shuffle else np.arange(len(encoded.lengths))
-    docs = take(encoded, order)
+    docs = take(encoded, _order(len(encoded.lengths), seed, shuffle))
     total = int(docs.offsets[-1])
     row_starts = np.arange(0, total, max_length, dtype=np.int64)
     cuts = np.union1d(docs.offsets, np.append(row_starts, total))  # every piece's start, and the end
     docs.labels[cuts[:-1]] = IGNORE_INDEX  # each piece's first target is across a document or row boundary
     offsets = np.append(row_starts, total)
-    trained = np.concatenate([[0], np.cumsum(docs.labels != IGNORE_INDEX, dtype=np.int64)])
-    rows = Encoded(docs.ids, docs.labels, offsets, trained[offsets[1:]] - trained[offsets[:-1]])
+    rows = _rows(docs, offsets)
     bounds = np.searchsorted(cuts, offsets)  # rows start and end on cuts
     lengths = np.diff(cuts)
     pieces = [lengths[i:j].tolist() for i, j in zip(bounds[:-1], bounds[1:])]

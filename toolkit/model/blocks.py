@@ -99,8 +99,9 @@ def _checkpoint_outside(model) -> int:
     from torch.utils.checkpoint import checkpoint as torch_checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
     from .offload import checkpoint_inside_compiled_block
+    from .selective_checkpoint import forward_wrapper, unwrap_forward
     selective = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None
-                 and getattr(getattr(m.forward, "func", None), "__name__", "") == "_forward_saving_attention"]
+                 and forward_wrapper(m) == "_forward_saving_attention"]
     if selective:
         from mmengine.logging import print_log
         print_log(f"recompute_attention=False with compiled blocks under ZeRO-3: the selective checkpoint sits "
@@ -109,9 +110,9 @@ def _checkpoint_outside(model) -> int:
                   level=logging.WARNING)
     moved = 0
     for module in model.modules():  # tk's checkpoint inside the compiled graph (sft.checkpoint_in_compiled_graph)
-        if (getattr(module, "_compiled_call_impl", None) is not None
-                and getattr(getattr(module.forward, "func", None), "__name__", "") == "_forward_checkpointed"):
-            module.forward = module.forward.args[1]  # the layer's own forward again
+        is_compiled = getattr(module, "_compiled_call_impl", None) is not None
+        if is_compiled and forward_wrapper(module) == "_forward_checkpointed":
+            unwrap_forward(module)  # the layer's own forward again
             checkpoint_around_compiled_call(module, functools.partial(torch_checkpoint, use_reentrant=False))
             moved += 1
     if not checkpoint_inside_compiled_block():

@@ -109,6 +109,18 @@ def _forward_checkpointed(layer, forward, *args, **kwargs):
     return checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=False)
 
 
+def forward_wrapper(module) -> str | None:
+    """Which of tk's checkpoint wrappers (``_forward_checkpointed``, ``_forward_saving_attention``) sits on
+    ``module.forward``, or None."""
+    name = getattr(getattr(module.forward, "func", None), "__name__", None)
+    return name if name in ("_forward_checkpointed", "_forward_saving_attention") else None
+
+
+def unwrap_forward(module) -> None:
+    """Put back the forward a checkpoint wrapper was installed over (both take it as their second argument)."""
+    module.forward = module.forward.args[1]
+
+
 def checkpoint_inside_forward(model) -> int:
     """Move each gradient-checkpointed decoder layer's checkpoint from around its ``__call__`` (transformers
     5.17) into its ``forward``, so that a compiled block traces it: AOTAutograd then recomputes inside the
