@@ -244,13 +244,13 @@ def test_offload_that_moves_nothing_says_so_once(tiny_llama_dir, moves):
 
 def test_offload_out_of_host_memory_is_one_clear_error(tiny_llama_dir, monkeypatch):
     model = _model(tiny_llama_dir, offload_activations=True)
-    empty = torch.empty
+    empty_like = torch.empty_like
 
     def no_host_memory(*args, **kwargs):
         if "pin_memory" in kwargs:  # the offloader's host buffer
             raise RuntimeError("CUDA error: out of memory\nmore detail")
-        return empty(*args, **kwargs)
-    monkeypatch.setattr(torch, "empty", no_host_memory)
+        return empty_like(*args, **kwargs)
+    monkeypatch.setattr(torch, "empty_like", no_host_memory)
     with pytest.raises(UserError, match=r"offload_activations: no host memory for one more checkpointed block input "
                                         r"\(0\.00 GiB; CUDA error: out of memory\); lower max_length"):
         _step(model)

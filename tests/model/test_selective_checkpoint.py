@@ -140,16 +140,10 @@ def _attention_forwards(graph) -> int:
                for node in graph.nodes if node.op == "call_function")
 
 
-@pytest.mark.parametrize("recompute,tiles", [(True, None), (False, None), (False, 16)],
-                         ids=["recompute", "save", "save+tiled_mlp"])
-def test_compiled_block_applies_the_policy_in_its_graph(tiny_llama_dir, recompute, tiles):
-    """Blocks compiled first (as SupervisedFinetune orders it): the selective checkpoint traces into each
-    block's graph without a break, AOTAutograd's backward graph has no attention forward, the compiled
-    graphs run the attention once per layer and step (the control, full checkpointing, twice: in the backward
-    graph where transformers 5.2x checkpoints inside the compiled call, by running the forward graph again
-    where 5.17 checkpoints around it), and the eager numbers come out (aot_eager: no Inductor, CPU)."""
+def _recording_backend():
+    """A compile backend (AOTAutograd, no Inductor) that records how many attention forwards each forward and
+    backward graph holds (``graphs``) and each time a graph runs (``ran``)."""
     from functorch.compile import make_boxed_func
-    from torch._dynamo.utils import counters
     from torch._functorch.aot_autograd import aot_module_simplified
     graphs, ran = {"forward": [], "backward": []}, []
 
@@ -166,7 +160,19 @@ def test_compiled_block_applies_the_policy_in_its_graph(tiny_llama_dir, recomput
 
     def backend(gm, inputs):
         return aot_module_simplified(gm, inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    return backend, graphs, ran
 
+
+@pytest.mark.parametrize("recompute,tiles", [(True, None), (False, None), (False, 16)],
+                         ids=["recompute", "save", "save+tiled_mlp"])
+def test_compiled_block_applies_the_policy_in_its_graph(tiny_llama_dir, recompute, tiles):
+    """Blocks compiled first (as SupervisedFinetune orders it): the selective checkpoint traces into each
+    block's graph without a break, AOTAutograd's backward graph has no attention forward, the compiled
+    graphs run the attention once per layer and step (the control, full checkpointing, twice: in the backward
+    graph where transformers 5.2x checkpoints inside the compiled call, by running the forward graph again
+    where 5.17 checkpoints around it), and the eager numbers come out (aot_eager: no Inductor, CPU)."""
+    from torch._dynamo.utils import counters
+    backend, graphs, ran = _recording_backend()
     reference = _step(_model(tiny_llama_dir, 0.0))
     torch._dynamo.reset()
     counters.clear()
@@ -242,14 +248,44 @@ def test_policy_keeps_only_attention_kernels_that_draw_no_random_numbers(op_name
     assert policy(None, torch.ops.aten.mm.default, None, None) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def test_compiled_blocks_with_offload_is_one_clear_error(tiny_llama_dir):
-    """The offload hooks do not trace: compiled blocks would run the checkpoint eagerly, so tk refuses
-    (compile=True compiles only on CUDA, so the blocks are compiled by hand here, as it would)."""
-    model = _model(tiny_llama_dir)
+def test_compiled_blocks_offload_only_their_inputs(tiny_llama_dir):
+    """recompute_attention=False with offload_activations=True in compiled blocks (compile=True compiles only
+    on CUDA, so the blocks are compiled by hand here, without Inductor, as SupervisedFinetune orders it): the
+    selective checkpoint stays inside the compiled graph (no graph break, no attention forward in backward),
+    the offload hooks go around the compiled call and move exactly each block's input, not the attention
+    outputs or the weights the graph saves beside it, and the eager numbers come out."""
+    from torch._dynamo.utils import counters
+    backend, graphs, ran = _recording_backend()
+    eager, inputs = _model(tiny_llama_dir, 0.0, recompute_attention=False), []
+    for layer in eager.llm.base_model.model.model.layers:
+        layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    reference = _step(eager, count=False)
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(tiny_llama_dir, 0.0)
     for layer in model.llm.base_model.model.model.layers:
-        layer.compile(backend="aot_eager")
-    _one_line_error(lambda: apply_long_context(model.llm, True, None, recompute_attention=False),
-                    "model.recompute_attention=False with offload_activations=True cannot run in compiled blocks")
+        layer.compile(backend=backend)
+    offloader, _ = apply_long_context(model.llm, True, None, recompute_attention=False)
+    packed = []
+    pack = offloader.pack
+
+    def spy(tensor):
+        item = pack(tensor)
+        packed.append(item)
+        return item
+    offloader.pack = spy
+    ours = _step(model, count=False)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert set(graphs["forward"]) == {1} and set(graphs["backward"]) == {0}, graphs
+    assert sum(ran) == LAYERS, (ran, graphs)  # each layer's attention ran once
+    hidden = model.llm.config.hidden_size
+    assert offloader.packed_count == LAYERS and offloader.packed_bytes == LAYERS * 2 * 40 * hidden * 4
+    for item, block_input in zip(packed, inputs, strict=True):  # each block's input, copied
+        torch.testing.assert_close(item.host, block_input, rtol=1e-6, atol=1e-7)
+    assert all(item.used and item.device_copy is None for item in packed)  # brought back for backward, once
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=0)
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("keeps", [True, False], ids=["keeps", "keeps_nothing"])

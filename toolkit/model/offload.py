@@ -57,7 +57,7 @@ class ActivationOffloader:
             return tensor  # checkpoint's own empty marker tensor
         cuda = tensor.device.type == "cuda"
         try:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+            host = torch.empty_like(tensor, device="cpu", pin_memory=cuda)  # same strides: a transposed one too
         except RuntimeError as exc:  # pinned host memory is what ran out
             size = tensor.numel() * tensor.element_size()
             raise UserError(f"offload_activations: no host memory for one more checkpointed block input "
@@ -84,7 +84,7 @@ class ActivationOffloader:
             item.device_copy = item.host.to(item.device)
             return
         main = torch.cuda.current_stream(item.device)
-        item.device_copy = torch.empty(item.host.shape, dtype=item.host.dtype, device=item.device)
+        item.device_copy = torch.empty_like(item.host, device=item.device)
         stream = self._side_stream()
         stream.wait_stream(main)  # the new block's memory may still be read by earlier kernels
         with torch.cuda.stream(stream):
@@ -111,12 +111,38 @@ class ActivationOffloader:
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
+    def input_hooks(self, block_input: torch.Tensor):
+        """Hooks that move only what shares ``block_input``'s storage to host memory, for a compiled block with
+        the checkpoint inside its graph: there the graph saves its input next to what the checkpoint policy
+        keeps (the attention outputs) and the weights, and only the input is the offloaded kind."""
+        storage = block_input.untyped_storage().data_ptr()
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() != storage:
+                return tensor
+            return self.pack(tensor)
+        return torch.autograd.graph.saved_tensors_hooks(pack, self.unpack)
+
 
 def offloaded_checkpoint(offloader: ActivationOffloader, function, *args, **kwargs):
     """Non-reentrant ``checkpoint`` whose saved inputs live in host memory (drop-in for HF's checkpoint function)."""
     kwargs["use_reentrant"] = False
     with offloader.hooks():
         return checkpoint(function, *args, **kwargs)
+
+
+def offload_input_around_compiled_call(module, offloader: ActivationOffloader) -> None:
+    """Run ``module``'s compiled call (whose graph checkpoints inside) with its input saved in host memory."""
+    module._compiled_call_impl = functools.partial(_input_offloaded_call, module, offloader,
+                                                   module._compiled_call_impl)
+
+
+def _input_offloaded_call(module, offloader: ActivationOffloader, call, *args, **kwargs):
+    block_input = args[0] if args else kwargs.get("hidden_states")
+    if not (module.training and torch.is_grad_enabled() and isinstance(block_input, torch.Tensor)):
+        return call(*args, **kwargs)
+    with offloader.input_hooks(block_input):
+        return call(*args, **kwargs)
 
 
 def offload_checkpointed_inputs(model, offloader: ActivationOffloader) -> int:

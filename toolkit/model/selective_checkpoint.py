@@ -27,7 +27,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..errors import UserError
-from .offload import _stop_inputs_requiring_grad, offloaded_checkpoint
+from .offload import _stop_inputs_requiring_grad, offload_input_around_compiled_call, offloaded_checkpoint
 
 #: The kernels ``scaled_dot_product_attention`` dispatches to (flash, memory-efficient, cuDNN, the CPU
 #: flash kernel, other backends' fused kernel) and the lower-level forwards some of them call. The math
@@ -145,14 +145,14 @@ def checkpoint_saving_attention(model, offloader=None) -> int:
     check_attention(model)
     layers = [m for m in model.modules()
               if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
-    if offloader is not None and any(getattr(m, "_compiled_call_impl", None) is not None for m in layers):
-        # the offload hooks do not trace; around the compiled call they would copy every tensor the compiled
-        # graph saves (weights included) to host memory
-        raise UserError("model.recompute_attention=False with offload_activations=True cannot run in compiled "
-                        "blocks (the offload hooks do not trace); set compile=False, or drop one of the two")
     for layer in layers:
         layer.gradient_checkpointing = False  # HF's checkpoint (around __call__ or inside forward) stays off
-        layer.forward = functools.partial(_forward_saving_attention, layer, layer.forward, offloader)
+        if offloader is not None and getattr(layer, "_compiled_call_impl", None) is not None:
+            # the offload hooks do not trace: they go around the compiled call, and move only the block's input
+            layer.forward = functools.partial(_forward_saving_attention, layer, layer.forward, None)
+            offload_input_around_compiled_call(layer, offloader)
+        else:
+            layer.forward = functools.partial(_forward_saving_attention, layer, layer.forward, offloader)
     if layers:  # only reentrant checkpointing needs the embeddings' output to require grad (see there)
         _stop_inputs_requiring_grad(model)
     return len(layers)
