@@ -16,8 +16,9 @@ tk takes over the checkpoint of each layer (HF's own is switched off) and puts i
 5.2x (inside ``forward``), and a compiled block (``block.compile()``) traces the selective checkpoint into
 its graph, where AOTAutograd's partitioner applies the same policy (torchtitan's order too: checkpoint,
 then compile). With ``offload_activations`` one checkpoint does both (the layer input goes to host memory,
-:func:`.offload.offloaded_checkpoint`); its hooks do not trace, so that combination is refused with
-compiled blocks (:func:`checkpoint_saving_attention`).
+:func:`.offload.offloaded_checkpoint`). The offload hooks do not trace, so in a compiled block they go around
+the compiled call and move only the block's input there, not the attention outputs and weights the graph
+saves (:func:`checkpoint_saving_attention`).
 """
 from __future__ import annotations
 
