@@ -16,7 +16,6 @@ import os
 
 import torch
 
-from ....errors import UserError
 
 
 def compile_readout(x) -> bool:
@@ -36,15 +35,6 @@ def compiled_on_cuda(fn):
 
     run.compiled = None
     return run
-
-
-def new_or_old(name: str, new: str, old: str) -> bool:
-    """Whether environment variable ``name`` picks the ``new`` (default) or the ``old`` way of a speed change,
-    kept to compare the two on one machine; any other value is one line."""
-    text = os.environ.get(name, new)
-    if text not in (new, old):
-        raise UserError(f"{name}={text!r} must be '{new}' (the default) or '{old}'; unset it or fix it")
-    return text == new
 
 
 @contextlib.contextmanager

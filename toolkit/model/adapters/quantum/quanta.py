@@ -17,8 +17,9 @@ import string
 import torch
 from torch import nn
 
+from ....switches import new_or_old
 from .bank import bank_unitary
-from .fused import circuit_matmul_precision, new_or_old
+from .fused import circuit_matmul_precision
 
 
 def default_dims(in_features: int, out_features: int, n_axes: int = 4) -> list[int]:

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ....errors import UserError
+from ....switches import new_or_old
 from . import simulator as sim
 from .bank import ThetaBank, bank_unitary
-from .fused import circuit_matmul_precision, new_or_old
+from .fused import circuit_matmul_precision
 from .tq import expval_delta
 
 
