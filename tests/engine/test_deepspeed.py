@@ -83,6 +83,25 @@ def test_use_deepspeed_builds_a_flexible_runner_config(cfg):
     assert Config(cfg.to_dict()).strategy.config["zero_optimization"]["stage"] == 3
 
 
+def test_zero3_with_compiled_blocks_keeps_torch_linear(cfg, tmp_path, monkeypatch):
+    """ZeRO-3 + compile=True: memory_efficient_linear off (DeepSpeed's linear would break each whole-fetched
+    block's graph at every projection); not for ZeRO-2, uncompiled models, a user's explicit value, or
+    TK_ZERO3_FETCH=module; a bad switch value is one line."""
+    assert "memory_efficient_linear" not in use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]
+    cfg.model.compile = True
+    assert use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]["memory_efficient_linear"] is False
+    assert "memory_efficient_linear" not in use_deepspeed(cfg.copy(), "zero2")["zero_optimization"]
+    user = deepspeed_json("zero3")
+    user["zero_optimization"]["memory_efficient_linear"] = True
+    (tmp_path / "mine.json").write_text(json.dumps(user))
+    assert use_deepspeed(cfg.copy(), str(tmp_path / "mine.json"))["zero_optimization"]["memory_efficient_linear"]
+    monkeypatch.setenv("TK_ZERO3_FETCH", "module")
+    assert "memory_efficient_linear" not in use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]
+    monkeypatch.setenv("TK_ZERO3_FETCH", "blocks")
+    with pytest.raises(UserError, match="TK_ZERO3_FETCH='blocks' must be 'block'"):
+        use_deepspeed(cfg.copy(), "zero3")
+
+
 def test_use_fsdp(cfg, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

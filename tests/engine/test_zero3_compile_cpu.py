@@ -8,6 +8,12 @@ control); with it the blocks compile into a few graphs that run every step, and 
 uncompiled ZeRO-3 run exactly (same ops, same order). With gradient checkpointing too: transformers 5.2x
 checkpoints inside the compiled call, where a graph break would make dynamo run the whole block eagerly
 (silently: no compiled graph runs, the second control); tk moves the checkpoint around the compiled call.
+
+Blocks DeepSpeed fetches whole (tk's default with compiled blocks, toolkit/model/zero3_blocks.py) run through
+AOTAutograd with Inductor's partitioner, so the tensors a compiled graph saves for backward are real: each
+block compiles as one graph with its linears and its checkpoint inside, trains the eager losses, and saves
+its weights for backward as the parameters themselves, never as a tensor aliasing the gathered copy (which
+would keep every block's gathered weights alive until backward, the whole model on each GPU).
 """
 import sys
 import textwrap
@@ -26,7 +32,10 @@ SCRIPT = textwrap.dedent('''
     from transformers import LlamaConfig, LlamaForCausalLM
     from toolkit.model.blocks import keep_deepspeed_hooks_out_of_compile, transformer_blocks
     from toolkit.model import blocks
+    from toolkit.model import selective_checkpoint, zero3_blocks
+    from toolkit.model.offload import checkpoint_inside_compiled_block
     mode, checkpointing = sys.argv[1], sys.argv[2] == "1"
+    whole = mode.startswith("whole")
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          vocab_size=256, attn_implementation="sdpa", use_cache=False)
@@ -46,31 +55,67 @@ SCRIPT = textwrap.dedent('''
             return graph.forward(*args)
         return run
 
+    mm_nodes = [0]
+
+    def counting_aot(graph, inputs):  # forward and backward graphs after AOTAutograd's partition
+        mm_nodes[0] = max(mm_nodes[0], sum("aten.mm" in str(node.target) for node in graph.graph.nodes))
+        return counting(graph, inputs)
+
+    if whole:
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        backend = aot_autograd(fw_compiler=counting_aot, bw_compiler=counting_aot,
+                               partition_fn=min_cut_rematerialization_partition)
+    else:
+        backend = counting
     if mode != "eager":
         for block in transformer_blocks(model):
-            block.compile(backend=counting)
+            block.compile(backend=backend)
+    if whole:  # what SupervisedFinetune does with compile=True on CUDA
+        zero3_blocks.mark_blocks_as_zero3_leaves(model)
+        if checkpointing and not checkpoint_inside_compiled_block():
+            selective_checkpoint.checkpoint_inside_forward(model)
     if mode == "wrapped_checkpoint_inside":
-        blocks._checkpoint_outside = lambda model: 0
+        blocks._checkpoint_outside = lambda model, keep_inside=(): 0
     if mode == "wrapped_linear_traced":
         blocks._linear_out_of_compile = lambda: False
     ds = json.load(open("configs/deepspeed/zero3.json"))
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
               bf16={"enabled": False}, fp16={"enabled": False})
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition the norms too
+    if whole:  # what tk's strategy sets for ZeRO-3 with compiled blocks
+        ds["zero_optimization"]["memory_efficient_linear"] = False
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                       config=ds)
-    wrapped = keep_deepspeed_hooks_out_of_compile(engine.module) if mode.startswith("wrapped") else 0
+    wrapped = keep_deepspeed_hooks_out_of_compile(engine.module) if mode.startswith(("wrapped", "whole")) else 0
+    weights = [w for block in transformer_blocks(model) for w in block.parameters()]  # lm_head's is not a block's
+    aliases, by_reference = [0], [0]
+
+    def inside(tensor, weight):  # a view into the weight's elements (DeepSpeed gathers several into one buffer)
+        start = weight.storage_offset()
+        return (weight.numel() and tensor.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+                and start <= tensor.storage_offset() < start + weight.numel())
+
+    def pack(tensor):  # outermost: sees what no inner hook took; a parameter itself is kept by reference
+        if any(tensor is w for w in weights):
+            by_reference[0] += 1
+        elif tensor.numel() and any(inside(tensor, w) for w in weights):
+            aliases[0] += 1
+        return tensor
     ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(1))
     losses, graph_calls = [], []
     for _ in range(4):
         before = calls[0]
-        loss = engine(input_ids=ids, labels=ids).loss
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
         graph_calls.append(calls[0] - before)
     print("RESULT", json.dumps(dict(losses=losses, wrapped=wrapped, graph_calls=graph_calls,
-                                    linear_graphs=linear_graphs[0])))
+                                    linear_graphs=linear_graphs[0], mm_nodes=mm_nodes[0], aliases=aliases[0],
+                                    by_reference=by_reference[0],
+                                    leaves=sum(getattr(m, "_z3_leaf", False) for m in model.modules()))))
 ''')
 
 
@@ -112,3 +157,21 @@ def test_checkpoint_left_inside_the_compiled_call_runs_no_compiled_graph():
     run, result = _run("wrapped_checkpoint_inside", checkpointing=True)
     assert result is not None, run.stderr[-3000:]
     assert result["graph_calls"] == [0, 0, 0, 0]
+
+
+def test_whole_fetched_blocks_compile_as_one_graph_and_keep_no_gathered_weight():
+    """tk's default with compiled blocks under ZeRO-3: each decoder layer is a DeepSpeed leaf, compiles with its
+    seven projections and its checkpoint inside one graph, trains the eager losses, and what the compiled graphs
+    save for backward holds no gathered weight: the weights are saved as the parameters themselves, whose
+    gathered data DeepSpeed swaps out after the forward and in again before the backward."""
+    eager_run, eager = _run("eager", checkpointing=True)
+    assert eager is not None, eager_run.stderr[-3000:]
+    run, whole = _run("whole", checkpointing=True)
+    assert whole is not None, run.stderr[-3000:]
+    assert whole["leaves"] == 4 and whole["wrapped"] > 0
+    assert whole["mm_nodes"] >= 7, whole  # the projections are in the compiled graph, not between graph pieces
+    # a forward and a backward graph per block and step (the recompute is inside the backward graph)
+    assert min(whole["graph_calls"]) >= 2 * 4, whole["graph_calls"]
+    # 9 weights a block (7 projections, 2 norms), each saved by reference for the in-graph recompute
+    assert whole["by_reference"] == 4 * 9 * 4 and whole["aliases"] == 0, whole
+    assert whole["losses"] == eager["losses"] and eager["losses"][-1] < eager["losses"][0]

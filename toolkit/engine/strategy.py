@@ -89,12 +89,25 @@ def fill_auto(ds: dict, cfg: Config, source: str = "deepspeed config") -> dict:
 def use_deepspeed(cfg: Config, name_or_path: str) -> dict:
     """Switch ``cfg`` to FlexibleRunner + DeepSpeedStrategy; returns the filled DeepSpeed config."""
     ds = fill_auto(deepspeed_json(name_or_path), cfg, source=f"--deepspeed {name_or_path}")
+    _torch_linear_for_whole_blocks(ds, cfg)
     cfg.strategy = dict(type="DeepSpeedStrategy", config=ds,
                         # adapter runs save (and convert reads) only the trained weights
                         exclude_frozen_parameters=True)
     cfg.optim_wrapper = dict(type="DeepSpeedOptimWrapper", optimizer=cfg.optim_wrapper.optimizer)
     cfg.runner_type = "FlexibleRunner"
     return ds
+
+
+def _torch_linear_for_whole_blocks(ds: dict, cfg: Config) -> None:
+    """ZeRO-3 with compiled blocks: keep torch's ``F.linear`` (``memory_efficient_linear: false``) unless the
+    user's JSON says otherwise. Each block is then fetched whole and compiles as one graph
+    (:mod:`toolkit.model.zero3_blocks`); DeepSpeed's replacement linear would break it at every projection."""
+    from ..model.sft import wants_compile
+    from ..model.zero3_blocks import fetch_whole_blocks
+    zero = ds.get("zero_optimization") or {}
+    model = cfg.get("model") or {}
+    if zero.get("stage") == 3 and wants_compile(model.get("compile", False)) and fetch_whole_blocks():
+        zero.setdefault("memory_efficient_linear", False)
 
 
 def use_fsdp(cfg: Config) -> None:

@@ -38,6 +38,8 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
     ``torch.compiler.disable`` they become graph breaks: the block compiles into the pieces between the
     weight fetches (norms, RoPE, activations, residual adds fused), the same graphs for every layer. Where a
     block checkpoints inside its compiled call, the checkpoint moves around it (:func:`_checkpoint_outside`).
+    Blocks DeepSpeed fetches whole (:mod:`.zero3_blocks`, tk's default with compiled blocks) have hooks on
+    themselves only: each compiles as one graph and keeps its checkpoint inside.
 
     For a model with DeepSpeed's hooks, DeepSpeed's memory-efficient linear (``zero3_linear_wrap``, which
     ZeRO-3 installs as ``torch.nn.functional.linear``) is wrapped the same way (:func:`_linear_out_of_compile`).
@@ -53,10 +55,17 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
                     hooks[key] = torch.compiler.disable(hook)
                     hooks[key]._tk_eager = True
                     wrapped += 1
-    if wrapped or found:
-        _linear_out_of_compile()
+    deepspeed_linear = _linear_out_of_compile() if wrapped or found else False
     if wrapped:
-        _checkpoint_outside(model)
+        from .zero3_blocks import whole_compiled_blocks
+        # blocks DeepSpeed fetches whole compile as one graph unless DeepSpeed's linear breaks them up
+        whole = [] if deepspeed_linear else whole_compiled_blocks(model)
+        if whole:
+            from mmengine.logging import print_log
+            print_log(f"DeepSpeed ZeRO-3: {len(whole)} compiled blocks fetch their weights once a block and run as "
+                      f"one graph each, checkpoint inside (TK_ZERO3_FETCH=module: a fetch per linear)",
+                      logger="current")
+        _checkpoint_outside(model, keep_inside=whole)
     return wrapped
 
 
@@ -84,10 +93,10 @@ def _linear_out_of_compile() -> bool:
     return True
 
 
-def _checkpoint_outside(model) -> int:
+def _checkpoint_outside(model, keep_inside=()) -> int:
     """Checkpoint each compiled block around its compiled call instead of inside it; returns how many moved.
     Blocks tk checkpoints inside the compiled graph (``sft.checkpoint_in_compiled_graph``) move the same way,
-    with the non-reentrant kind.
+    with the non-reentrant kind. Blocks in ``keep_inside`` (no graph break inside them) stay as they are.
 
     transformers 5.2x checkpoints inside a layer's ``forward``, so ``block.compile()`` traces the checkpoint as
     one higher-order op, and dynamo cannot break a graph inside one: with DeepSpeed's hooks made graph breaks,
@@ -100,8 +109,9 @@ def _checkpoint_outside(model) -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
     from .offload import checkpoint_inside_compiled_block
     from .selective_checkpoint import forward_wrapper, unwrap_forward
+    keep_inside = {id(m) for m in keep_inside}
     selective = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None
-                 and forward_wrapper(m) == "_forward_saving_attention"]
+                 and forward_wrapper(m) == "_forward_saving_attention" and id(m) not in keep_inside]
     if selective:
         from mmengine.logging import print_log
         print_log(f"recompute_attention=False with compiled blocks under ZeRO-3: the selective checkpoint sits "
@@ -109,7 +119,8 @@ def _checkpoint_outside(model) -> int:
                   f"{len(selective)} blocks eagerly (same numbers, no fused kernels)", logger="current",
                   level=logging.WARNING)
     moved = 0
-    for module in model.modules():  # tk's checkpoint inside the compiled graph (sft.checkpoint_in_compiled_graph)
+    movable = [m for m in model.modules() if id(m) not in keep_inside]
+    for module in movable:  # tk's checkpoint inside the compiled graph (sft.checkpoint_in_compiled_graph)
         is_compiled = getattr(module, "_compiled_call_impl", None) is not None
         if is_compiled and forward_wrapper(module) == "_forward_checkpointed":
             unwrap_forward(module)  # the layer's own forward again
@@ -117,7 +128,7 @@ def _checkpoint_outside(model) -> int:
             moved += 1
     if not checkpoint_inside_compiled_block():
         return moved
-    for module in model.modules():
+    for module in movable:
         compiled = getattr(module, "_compiled_call_impl", None)
         if (isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False)
                 and compiled is not None):

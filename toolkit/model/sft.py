@@ -16,13 +16,14 @@ from . import selective_checkpoint
 from .long_context import apply_long_context, check_options, restore_dtypes
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from .nf4 import use_torch_4bit
+from .zero3_blocks import fetch_whole_blocks, mark_blocks_as_zero3_leaves
 
 
 def _is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def _wants_compile(compile) -> bool:
+def wants_compile(compile) -> bool:
     """``compile=True`` or a dict of Inductor options (``dict()``: compiled with the defaults)."""
     return compile is True or isinstance(compile, dict)
 
@@ -41,15 +42,17 @@ def checkpoint_in_compiled_graph(compile, adapter, offload_activations: bool, re
     (tests/gpu/test_fast_path_gpu.py: the loss's central difference along the gradient, fp32, 0.25% off for
     either; a recompute drawing other masks is 6.5% off).
 
-    Full fine-tuning (no adapter) takes the same path; it was not measured on one GPU (under ZeRO-3 it moves
-    back, below). Not for tk's circuit adapters (their unitary is built once a forward; they keep the non-reentrant kind
-    around the call), offloaded activations (the offload hooks wrap the checkpoint from outside), or
+    Full fine-tuning (no adapter) takes the same path; it was not measured on one GPU (under ZeRO-3 it stays
+    where DeepSpeed fetches each block whole, :mod:`.zero3_blocks`, and moves back otherwise, below). Not for
+    tk's circuit adapters (their unitary is built once a forward; they keep the non-reentrant kind around the
+    call), offloaded activations (the offload hooks wrap the checkpoint from outside), or
     ``recompute_attention=False`` (its selective checkpoint is inside the compiled graph already). QLoRA
     keeps peft's preparation (measured inside the graph, the 7B QLoRA step held 24.6 GiB instead of 8.0).
-    Under ZeRO-3 the checkpoint moves back around the compiled call (``blocks._checkpoint_outside``).
+    Under ZeRO-3 with DeepSpeed's per-linear fetches (``TK_ZERO3_FETCH=module``, circuit adapters) the
+    checkpoint moves back around the compiled call (``blocks._checkpoint_outside``).
     """
     from .offload import checkpoint_inside_compiled_block  # looked up per call (tests stand in for it)
-    compiled = _wants_compile(compile) and torch.cuda.is_available()
+    compiled = wants_compile(compile) and torch.cuda.is_available()
     return (compiled and recompute_attention and not offload_activations and not is_registered_adapter(adapter)
             and not checkpoint_inside_compiled_block())
 
@@ -129,7 +132,7 @@ class SupervisedFinetune(BaseModel):
                       f"keep their activations", logger="current")
         self.uses_adapter = adapter is not None
         self.llm = apply_adapter(model, adapter)
-        if _wants_compile(compile) and torch.cuda.is_available():
+        if wants_compile(compile) and torch.cuda.is_available():
             options = compile if isinstance(compile, dict) else None
             print_log(f"compile={compile}: {compile_blocks(self.llm, options)} transformer blocks compiled",
                       logger="current")
@@ -137,11 +140,13 @@ class SupervisedFinetune(BaseModel):
                     and checkpoint_in_compiled_graph(compile, adapter, offload_activations, recompute_attention)):
                 moved = selective_checkpoint.checkpoint_inside_forward(self.llm)
                 print_log(f"compile={compile}: {moved} blocks checkpoint inside their compiled graph", logger="current")
+            if not is_registered_adapter(adapter) and fetch_whole_blocks():  # inert without DeepSpeed ZeRO-3
+                mark_blocks_as_zero3_leaves(self.llm)
             # DeepSpeed adds its hooks after this; the model's first call (a training step, or a hook's generate:
             # both start at the embeddings) wraps them before any compiled block runs
             embeddings = self.llm.get_input_embeddings()
             self._wrap_once = embeddings.register_forward_pre_hook(self._keep_deepspeed_hooks_out_of_compile)
-        elif _wants_compile(compile):
+        elif wants_compile(compile):
             print_log(f"compile={compile!r}: no CUDA device, so the blocks run eagerly (same numbers, no fused "
                       "kernels)", logger="current")
         self.activation_offloader, lines = apply_long_context(self.llm, offload_activations, tile_tokens,

@@ -1,0 +1,45 @@
+"""Compiled transformer blocks under DeepSpeed ZeRO-3 that fetch their weights once a block, as one graph.
+
+By default ZeRO-3 gathers each submodule's weights in hooks on that submodule, so a decoder layer runs seven
+fetches (q, k, v, o, gate, up, down) and its compiled call breaks into the pieces between them
+(:func:`.blocks.keep_deepspeed_hooks_out_of_compile`); the checkpoint then has to sit around the compiled call,
+where the recompute runs the whole compiled forward again from torch.utils.checkpoint's Python.
+
+Marked as DeepSpeed "leaf modules" (the mechanism DeepSpeed uses for MoE blocks), the blocks get DeepSpeed's
+hooks on themselves only: one fetch of the block's weights before its forward, one before its backward, and
+the block's gradients reduced when its backward is done. Nothing of DeepSpeed runs inside a block, so with
+torch's own linear (``zero_optimization.memory_efficient_linear: false``, which tk's strategy sets for ZeRO-3
+with compiled blocks) the compiled call is one graph with the checkpoint inside it, as on one GPU.
+
+What the compiled graphs save for backward holds no gathered weight: AOTAutograd saves a weight the graph
+multiplies with as the parameter object itself, so DeepSpeed's release in forward frees the gathered copy and
+backward reads the copy gathered again (tests/engine/test_zero3_compile_cpu.py checks this with Inductor's
+partitioner). The LM head outside the blocks, with torch's linear, saves a transposed view of its weight, which
+keeps that one gathered matrix (and the buffer it was gathered into) until its backward, right after.
+
+``TK_ZERO3_FETCH=module`` keeps the per-submodule fetches, to compare the two on one machine.
+"""
+from __future__ import annotations
+
+from ..switches import new_or_old
+from .blocks import transformer_blocks
+
+
+def fetch_whole_blocks() -> bool:
+    """Whether compiled blocks under ZeRO-3 fetch their weights a block at a time (``TK_ZERO3_FETCH``)."""
+    return new_or_old("TK_ZERO3_FETCH", "block", "module")
+
+
+def mark_blocks_as_zero3_leaves(model) -> int:
+    """Flag each transformer block as a ZeRO-3 leaf module (``_z3_leaf``, what ``deepspeed.utils.z3_leaf_module``
+    reads when DeepSpeed installs its hooks); an inert attribute without DeepSpeed. Returns how many."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block._z3_leaf = True
+    return len(blocks)
+
+
+def whole_compiled_blocks(model) -> list:
+    """Compiled modules that DeepSpeed treats as leaves: its hooks sit on them and on none of their children."""
+    return [m for m in model.modules()
+            if getattr(m, "_z3_leaf", False) and getattr(m, "_compiled_call_impl", None) is not None]
