@@ -1,7 +1,7 @@
 """tk train CFG: train with the mmengine Runner on CPU or GPUs; --deepspeed / --strategy fsdp use the
 FlexibleRunner; NPROC_PER_NODE=N starts N processes through torchrun (see engine/launch.py)."""
 from ..config import CfgOptions, load_config, validate_config
-from ..engine.strategy import PRESETS, apply_strategy
+from ..engine.strategy import PRESETS, apply_strategy, check_flags
 
 
 def run(args) -> int:
@@ -13,6 +13,7 @@ def run(args) -> int:
     from ..engine import launch, preflight
     from ..engine.runner import adapt_to_device, build_runner, prepare
 
+    check_flags(args.deepspeed, args.strategy)  # one line, before the config's model is prepared
     cfg = load_config(args.config, args.cfg_options)
     validate_config(cfg, check_files=True)
     console_logger(cfg)

@@ -137,9 +137,17 @@ def use_fsdp(cfg: Config) -> None:
     cfg.runner_type = "FlexibleRunner"
 
 
-def apply_strategy(cfg: Config, deepspeed: str | None = None, strategy: str | None = None) -> None:
+def check_flags(deepspeed: str | None = None, strategy: str | None = None) -> None:
+    """One-line UserError for strategy flags that cannot work: both at once, or a --deepspeed that is neither a
+    preset nor a readable JSON file. ``tk train`` calls it before it reads the config or prepares a model."""
     if deepspeed and strategy == "fsdp":
         raise UserError("--deepspeed and --strategy fsdp exclude each other; choose one")
+    if deepspeed:
+        deepspeed_json(deepspeed)
+
+
+def apply_strategy(cfg: Config, deepspeed: str | None = None, strategy: str | None = None) -> None:
+    check_flags(deepspeed, strategy)
     if deepspeed:
         use_deepspeed(cfg, deepspeed)
     elif strategy == "fsdp":
