@@ -57,10 +57,11 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
                     wrapped += 1
     deepspeed_linear = _linear_out_of_compile() if wrapped or found else False
     if wrapped:
-        from .zero3_blocks import whole_compiled_blocks
+        from .zero3_blocks import block_inputs_require_grad, whole_compiled_blocks
         # blocks DeepSpeed fetches whole compile as one graph unless DeepSpeed's linear breaks them up
         whole = [] if deepspeed_linear else whole_compiled_blocks(model)
         if whole:
+            block_inputs_require_grad(model)
             from mmengine.logging import print_log
             print_log(f"DeepSpeed ZeRO-3: {len(whole)} compiled blocks fetch their weights once a block and run as "
                       f"one graph each, checkpoint inside (TK_ZERO3_FETCH=module: a fetch per linear)",

@@ -43,3 +43,19 @@ def whole_compiled_blocks(model) -> list:
     """Compiled modules that DeepSpeed treats as leaves: its hooks sit on them and on none of their children."""
     return [m for m in model.modules()
             if getattr(m, "_z3_leaf", False) and getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def block_inputs_require_grad(model) -> bool:
+    """Make the input embeddings' output require grad where their weights are frozen (adapters); returns whether
+    it had to. DeepSpeed reduces a leaf's gradients in a full backward hook, which fires once the gradients of
+    the leaf's inputs exist, or, where no input requires grad (the first block of a frozen model), as soon as
+    its outputs' gradients do: before the block's backward, whose weights it then releases."""
+    embeddings = model.get_input_embeddings()
+    if any(p.requires_grad for p in embeddings.parameters()):
+        return False
+    embeddings.register_forward_hook(_output_requires_grad)
+    return True
+
+
+def _output_requires_grad(module, args, output):
+    output.requires_grad_(True)
