@@ -113,9 +113,10 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
            "--progress-bar", "on", "-d", str(dest), requirement]
     if _is_file(sys.stderr):  # pip's progress bar goes to the terminal
         result = subprocess.run(cmd, stdout=sys.stderr)
-    else:  # a notebook's or a test's stderr: pip's output is passed on as text
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sys.stderr.write(result.stdout)
+    else:  # a notebook's or a test's stderr (or none): pip's output is passed on as text
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        if sys.stderr is not None:
+            sys.stderr.write(result.stdout)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         raise UserError(f"could not download {requirement} from the package index "

@@ -1,4 +1,5 @@
 """--deepspeed / --strategy fsdp: presets, "auto" filled from the config, the FlexibleRunner config."""
+import copy
 import json
 
 import pytest
@@ -84,13 +85,23 @@ def test_use_deepspeed_builds_a_flexible_runner_config(cfg):
 
 
 def test_zero3_with_compiled_blocks_keeps_torch_linear(cfg, tmp_path, monkeypatch):
-    """ZeRO-3 + compile=True: memory_efficient_linear off (DeepSpeed's linear would break each whole-fetched
-    block's graph at every projection); not for ZeRO-2, uncompiled models, a user's explicit value, or
-    TK_ZERO3_FETCH=module; a bad switch value is one line."""
+    """ZeRO-3 + compile=True on CUDA: memory_efficient_linear off (DeepSpeed's linear would break each
+    whole-fetched block's graph at every projection); not for ZeRO-2, uncompiled models, no CUDA (nothing
+    compiles), tk's circuit adapters, offload_activations, a user's explicit value, or TK_ZERO3_FETCH=module;
+    a bad switch value is one line."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert "memory_efficient_linear" not in use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]
     cfg.model.compile = True
     assert use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]["memory_efficient_linear"] is False
     assert "memory_efficient_linear" not in use_deepspeed(cfg.copy(), "zero2")["zero_optimization"]
+    for change in (dict(adapter=dict(type="vqc", n_qubits=4)), dict(offload_activations=True)):
+        other = copy.deepcopy(cfg)
+        other.model.update(change)
+        assert "memory_efficient_linear" not in use_deepspeed(other, "zero3")["zero_optimization"], change
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "memory_efficient_linear" not in use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     user = deepspeed_json("zero3")
     user["zero_optimization"]["memory_efficient_linear"] = True
     (tmp_path / "mine.json").write_text(json.dumps(user))

@@ -89,7 +89,7 @@ SCRIPT = textwrap.dedent('''
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
               bf16={"enabled": False}, fp16={"enabled": False})
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition the norms too
-    if whole:  # what tk's strategy sets for ZeRO-3 with compiled blocks
+    if whole and not mode.startswith("whole_ds_linear"):  # what tk's strategy sets (a user's JSON may not)
         ds["zero_optimization"]["memory_efficient_linear"] = False
     trained = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trained, lr=1e-3), config=ds)
@@ -197,3 +197,10 @@ def test_whole_fetched_lora_blocks_train_like_eager():
     assert eager["losses"][-1] < eager["losses"][0]
     control_run, control = _run("whole_inputs_without_grad_lora", checkpointing=True)
     assert control is None and "must match the size of tensor b" in control_run.stderr, control_run.stderr[-3000:]
+    # a user's memory_efficient_linear: true keeps DeepSpeed's linear: the blocks are still fetched whole (graph
+    # pieces between the linears, checkpoint around the compiled call), and the first block's input still needs
+    # its gradient (the review found this crash)
+    ds_linear_run, ds_linear = _run("whole_ds_linear_lora", checkpointing=True)
+    assert ds_linear is not None, ds_linear_run.stderr[-3000:]
+    assert ds_linear["leaves"] == 4 and ds_linear["mm_nodes"] == 0, ds_linear
+    assert max(abs(a - b) / a for a, b in zip(ds_linear["losses"], eager["losses"])) < 1e-6, (ds_linear, eager)

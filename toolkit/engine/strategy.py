@@ -99,14 +99,14 @@ def use_deepspeed(cfg: Config, name_or_path: str) -> dict:
 
 
 def _torch_linear_for_whole_blocks(ds: dict, cfg: Config) -> None:
-    """ZeRO-3 with compiled blocks: keep torch's ``F.linear`` (``memory_efficient_linear: false``) unless the
-    user's JSON says otherwise. Each block is then fetched whole and compiles as one graph
-    (:mod:`toolkit.model.zero3_blocks`); DeepSpeed's replacement linear would break it at every projection."""
-    from ..model.sft import wants_compile
-    from ..model.zero3_blocks import fetch_whole_blocks
+    """ZeRO-3 where the model's compiled blocks are fetched whole (:func:`toolkit.model.zero3_blocks.fetches_whole_blocks`):
+    keep torch's ``F.linear`` (``memory_efficient_linear: false``) unless the user's JSON says otherwise, so each
+    block compiles as one graph; DeepSpeed's replacement linear would break it at every projection."""
+    from ..model.zero3_blocks import fetches_whole_blocks
     zero = ds.get("zero_optimization") or {}
     model = cfg.get("model") or {}
-    if zero.get("stage") == 3 and wants_compile(model.get("compile", False)) and fetch_whole_blocks():
+    if zero.get("stage") == 3 and fetches_whole_blocks(model.get("compile", False), model.get("adapter"),
+                                                       bool(model.get("offload_activations", False))):
         zero.setdefault("memory_efficient_linear", False)
 
 

@@ -58,14 +58,16 @@ def keep_deepspeed_hooks_out_of_compile(model) -> int:
     deepspeed_linear = _linear_out_of_compile() if wrapped or found else False
     if wrapped:
         from .zero3_blocks import block_inputs_require_grad, whole_compiled_blocks
-        # blocks DeepSpeed fetches whole compile as one graph unless DeepSpeed's linear breaks them up
-        whole = [] if deepspeed_linear else whole_compiled_blocks(model)
-        if whole:
+        leaves = whole_compiled_blocks(model)
+        if leaves:  # DeepSpeed fetches them whole, with or without its own linear
             block_inputs_require_grad(model)
+        # they compile as one graph each unless DeepSpeed's linear (a user's memory_efficient_linear: true, or one
+        # an earlier engine of this process installed) breaks them up at every projection
+        whole = [] if deepspeed_linear else leaves
+        if whole:
             from mmengine.logging import print_log
             print_log(f"DeepSpeed ZeRO-3: {len(whole)} compiled blocks fetch their weights once a block and run as "
-                      f"one graph each, checkpoint inside (TK_ZERO3_FETCH=module: a fetch per linear)",
-                      logger="current")
+                      f"one graph each (TK_ZERO3_FETCH=module: a fetch per linear)", logger="current")
         _checkpoint_outside(model, keep_inside=whole)
     return wrapped
 

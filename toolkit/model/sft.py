@@ -16,7 +16,7 @@ from . import selective_checkpoint
 from .long_context import apply_long_context, check_options, restore_dtypes
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from .nf4 import use_torch_4bit
-from .zero3_blocks import fetch_whole_blocks, mark_blocks_as_zero3_leaves
+from .zero3_blocks import fetches_whole_blocks, mark_blocks_as_zero3_leaves
 
 
 def _is_quantized(model) -> bool:
@@ -140,7 +140,7 @@ class SupervisedFinetune(BaseModel):
                     and checkpoint_in_compiled_graph(compile, adapter, offload_activations, recompute_attention)):
                 moved = selective_checkpoint.checkpoint_inside_forward(self.llm)
                 print_log(f"compile={compile}: {moved} blocks checkpoint inside their compiled graph", logger="current")
-            if not is_registered_adapter(adapter) and fetch_whole_blocks():  # inert without DeepSpeed ZeRO-3
+            if fetches_whole_blocks(compile, adapter, offload_activations):  # inert without DeepSpeed ZeRO-3
                 mark_blocks_as_zero3_leaves(self.llm)
             # DeepSpeed adds its hooks after this; the model's first call (a training step, or a hook's generate:
             # both start at the embeddings) wraps them before any compiled block runs

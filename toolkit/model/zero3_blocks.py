@@ -30,6 +30,19 @@ def fetch_whole_blocks() -> bool:
     return new_or_old("TK_ZERO3_FETCH", "block", "module")
 
 
+def fetches_whole_blocks(compile, adapter, offload_activations: bool) -> bool:
+    """Whether a model with these settings has its compiled blocks fetched whole under ZeRO-3: compiled on CUDA,
+    not one of tk's circuit adapters (their shared unitary build reads partitioned weights on its own), not with
+    ``offload_activations`` (the first block's input would have to require grad, and a grad-requiring input
+    cannot leave the GPU), and ``TK_ZERO3_FETCH`` not ``module``. The model (marking the blocks) and the
+    strategy (keeping torch's linear) decide by this one rule."""
+    import torch
+    from .adapters.apply import is_registered_adapter
+    from .sft import wants_compile
+    return (wants_compile(compile) and torch.cuda.is_available() and not is_registered_adapter(adapter)
+            and not offload_activations and fetch_whole_blocks())
+
+
 def mark_blocks_as_zero3_leaves(model) -> int:
     """Flag each transformer block as a ZeRO-3 leaf module (``_z3_leaf``, what ``deepspeed.utils.z3_leaf_module``
     reads when DeepSpeed installs its hooks); an inert attribute without DeepSpeed. Returns how many."""
@@ -49,7 +62,8 @@ def block_inputs_require_grad(model) -> bool:
     """Make the input embeddings' output require grad where their weights are frozen (adapters); returns whether
     it had to. DeepSpeed reduces a leaf's gradients in a full backward hook, which fires once the gradients of
     the leaf's inputs exist, or, where no input requires grad (the first block of a frozen model), as soon as
-    its outputs' gradients do: before the block's backward, whose weights it then releases."""
+    its outputs' gradients do: before the block's backward, whose weights it then releases. (Not with
+    ``offload_activations``, :func:`fetches_whole_blocks`: that input would then stay on the GPU.)"""
     embeddings = model.get_input_embeddings()
     if any(p.requires_grad for p in embeddings.parameters()):
         return False

@@ -17,7 +17,6 @@ import os
 import torch
 
 
-
 def compile_readout(x) -> bool:
     """Whether the compiled readout runs for ``x``: a CUDA tensor and ``TK_QUANTUM_COMPILE=1``."""
     return x.is_cuda and os.environ.get("TK_QUANTUM_COMPILE", "0") == "1"
