@@ -87,7 +87,8 @@ def test_use_deepspeed_builds_a_flexible_runner_config(cfg):
 def test_zero3_with_compiled_blocks_keeps_torch_linear(cfg, tmp_path, monkeypatch):
     """ZeRO-3 + compile=True on CUDA: memory_efficient_linear off (DeepSpeed's linear would break each
     whole-fetched block's graph at every projection); not for ZeRO-2, uncompiled models, no CUDA (nothing
-    compiles), tk's circuit adapters, offload_activations, a user's explicit value, or TK_ZERO3_FETCH=module;
+    compiles), tk's circuit adapters, offload_activations, 4/8-bit models, a user's explicit value, or
+    TK_ZERO3_FETCH=module;
     a bad switch value is one line."""
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -95,7 +96,8 @@ def test_zero3_with_compiled_blocks_keeps_torch_linear(cfg, tmp_path, monkeypatc
     cfg.model.compile = True
     assert use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]["memory_efficient_linear"] is False
     assert "memory_efficient_linear" not in use_deepspeed(cfg.copy(), "zero2")["zero_optimization"]
-    for change in (dict(adapter=dict(type="vqc", n_qubits=4)), dict(offload_activations=True)):
+    for change in (dict(adapter=dict(type="vqc", n_qubits=4)), dict(offload_activations=True),
+                   dict(llm=dict(cfg.model.llm, quantization_config=dict(load_in_4bit=True)))):
         other = copy.deepcopy(cfg)
         other.model.update(change)
         assert "memory_efficient_linear" not in use_deepspeed(other, "zero3")["zero_optimization"], change

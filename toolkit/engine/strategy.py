@@ -105,8 +105,10 @@ def _torch_linear_for_whole_blocks(ds: dict, cfg: Config) -> None:
     from ..model.zero3_blocks import fetches_whole_blocks
     zero = ds.get("zero_optimization") or {}
     model = cfg.get("model") or {}
+    llm = model.get("llm") or {}
+    quantized = isinstance(llm, dict) and llm.get("quantization_config") is not None
     if zero.get("stage") == 3 and fetches_whole_blocks(model.get("compile", False), model.get("adapter"),
-                                                       bool(model.get("offload_activations", False))):
+                                                       bool(model.get("offload_activations", False)), quantized):
         zero.setdefault("memory_efficient_linear", False)
 
 

@@ -140,7 +140,7 @@ class SupervisedFinetune(BaseModel):
                     and checkpoint_in_compiled_graph(compile, adapter, offload_activations, recompute_attention)):
                 moved = selective_checkpoint.checkpoint_inside_forward(self.llm)
                 print_log(f"compile={compile}: {moved} blocks checkpoint inside their compiled graph", logger="current")
-            if fetches_whole_blocks(compile, adapter, offload_activations):  # inert without DeepSpeed ZeRO-3
+            if fetches_whole_blocks(compile, adapter, offload_activations, _is_quantized(model)):  # inert w/o ZeRO-3
                 mark_blocks_as_zero3_leaves(self.llm)
             # DeepSpeed adds its hooks after this; the model's first call (a training step, or a hook's generate:
             # both start at the embeddings) wraps them before any compiled block runs

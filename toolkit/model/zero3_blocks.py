@@ -30,17 +30,18 @@ def fetch_whole_blocks() -> bool:
     return new_or_old("TK_ZERO3_FETCH", "block", "module")
 
 
-def fetches_whole_blocks(compile, adapter, offload_activations: bool) -> bool:
+def fetches_whole_blocks(compile, adapter, offload_activations: bool, quantized: bool) -> bool:
     """Whether a model with these settings has its compiled blocks fetched whole under ZeRO-3: compiled on CUDA,
     not one of tk's circuit adapters (their shared unitary build reads partitioned weights on its own), not with
     ``offload_activations`` (the first block's input would have to require grad, and a grad-requiring input
-    cannot leave the GPU), and ``TK_ZERO3_FETCH`` not ``module``. The model (marking the blocks) and the
+    cannot leave the GPU), not 4/8-bit (peft's checkpoint would stay inside the compiled graph, measured at 3x
+    the memory on one GPU), and ``TK_ZERO3_FETCH`` not ``module``. The model (marking the blocks) and the
     strategy (keeping torch's linear) decide by this one rule."""
     import torch
     from .adapters.apply import is_registered_adapter
     from .sft import wants_compile
     return (wants_compile(compile) and torch.cuda.is_available() and not is_registered_adapter(adapter)
-            and not offload_activations and fetch_whole_blocks())
+            and not offload_activations and not quantized and fetch_whole_blocks())
 
 
 def mark_blocks_as_zero3_leaves(model) -> int:
