@@ -25,7 +25,7 @@ from ..switches import new_or_old
 from .blocks import transformer_blocks
 
 
-def fetch_whole_blocks() -> bool:
+def _switch_allows_whole_blocks() -> bool:
     """Whether compiled blocks under ZeRO-3 fetch their weights a block at a time (``TK_ZERO3_FETCH``)."""
     return new_or_old("TK_ZERO3_FETCH", "block", "module")
 
@@ -41,7 +41,7 @@ def fetches_whole_blocks(compile, adapter, offload_activations: bool, quantized:
     from .adapters.apply import is_registered_adapter
     from .sft import wants_compile
     return (wants_compile(compile) and torch.cuda.is_available() and not is_registered_adapter(adapter)
-            and not offload_activations and not quantized and fetch_whole_blocks())
+            and not offload_activations and not quantized and _switch_allows_whole_blocks())
 
 
 def mark_blocks_as_zero3_leaves(model) -> int:
