@@ -21,6 +21,13 @@ SEED_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, n
                   num_key_value_heads=2, vocab_size=1024)
 
 
+def fp32_steps_config(model: str, method: str = "full", bs: int = 1, steps: int = 8, **options) -> str:
+    """A tk config for the strategy comparisons: ``steps`` fp32 steps of 256 tokens, no clipping, a loss logged
+    every step and a checkpoint at the end (small random llama, 4 distinct samples)."""
+    return tk_config(model, method, seq=256, bs=bs, steps=steps, warmup=2, vocab=1024, lr=1e-3, precision="fp32",
+                     clip=None, samples=16, distinct=4, log_interval=1, save_every=steps, **options)
+
+
 def make_llama(folder: Path, dtype=torch.float32, **shape) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
     if not (folder / "config.json").is_file():

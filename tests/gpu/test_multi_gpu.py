@@ -12,15 +12,14 @@ The ZeRO checkpoints convert with `tk convert pth_to_hf` to the reference's fina
 import pytest
 import torch
 
-from gpu_helpers import losses, make_llama, needs_two_gpus, report, tk, tk_config, train
+from gpu_helpers import fp32_steps_config, losses, make_llama, needs_two_gpus, report, tk, train
 
 pytestmark = needs_two_gpus
 STEPS, RTOL = 8, 1e-3
 
 
 def config(model, bs, **options):
-    return tk_config(model, "full", seq=256, bs=bs, steps=STEPS, warmup=2, vocab=1024, lr=1e-3, precision="fp32",
-                     clip=None, samples=16, distinct=4, log_interval=1, save_every=STEPS, **options)
+    return fp32_steps_config(model, "full", bs=bs, steps=STEPS, **options)
 
 
 @pytest.fixture(scope="module")

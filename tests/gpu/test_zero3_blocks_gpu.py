@@ -5,15 +5,14 @@ draw other masks). A small random llama in fp32 (Inductor's fused arithmetic is 
 1e-3 relative), gradient checkpointing on, 8 steps, one process."""
 import pytest
 
-from gpu_helpers import losses, make_llama, needs_cuda, report, tk_config, train
+from gpu_helpers import fp32_steps_config, losses, make_llama, needs_cuda, report, train
 
 pytestmark = needs_cuda
 STEPS, RTOL = 8, 1e-3
 
 
 def config(model, method, **options):
-    return tk_config(model, method, seq=256, dropout=0.0, bs=1, steps=STEPS, warmup=2, vocab=1024, lr=1e-3, precision="fp32",
-                     clip=None, samples=16, distinct=4, log_interval=1, save_every=STEPS, **options)
+    return fp32_steps_config(model, method, steps=STEPS, dropout=0.0, **options)
 
 
 @pytest.fixture(scope="module")
