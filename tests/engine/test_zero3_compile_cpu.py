@@ -15,6 +15,7 @@ block compiles as one graph with its linears and its checkpoint inside, trains t
 its weights for backward as the parameters themselves, never as a tensor aliasing the gathered copy (which
 would keep every block's gathered weights alive until backward, the whole model on each GPU).
 """
+import functools
 import sys
 import textwrap
 from pathlib import Path
@@ -125,6 +126,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@functools.cache  # the eager references serve several tests: each mode runs once per session
 def _run(mode, checkpointing=False):
     return run_one_process(SCRIPT, mode, int(checkpointing))
 

@@ -112,9 +112,9 @@ def _checkpoint_outside(model, keep_inside=()) -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
     from .offload import checkpoint_inside_compiled_block
     from .selective_checkpoint import forward_wrapper, unwrap_forward
-    keep_inside = {id(m) for m in keep_inside}
+    kept = {id(m) for m in keep_inside}
     selective = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None
-                 and forward_wrapper(m) == "_forward_saving_attention" and id(m) not in keep_inside]
+                 and forward_wrapper(m) == "_forward_saving_attention" and id(m) not in kept]
     if selective:
         from mmengine.logging import print_log
         print_log(f"recompute_attention=False with compiled blocks under ZeRO-3: the selective checkpoint sits "
@@ -122,7 +122,7 @@ def _checkpoint_outside(model, keep_inside=()) -> int:
                   f"{len(selective)} blocks eagerly (same numbers, no fused kernels)", logger="current",
                   level=logging.WARNING)
     moved = 0
-    movable = [m for m in model.modules() if id(m) not in keep_inside]
+    movable = [m for m in model.modules() if id(m) not in kept]
     for module in movable:  # tk's checkpoint inside the compiled graph (sft.checkpoint_in_compiled_graph)
         is_compiled = getattr(module, "_compiled_call_impl", None) is not None
         if is_compiled and forward_wrapper(module) == "_forward_checkpointed":

@@ -171,6 +171,10 @@ def offload_checkpointed_inputs(model, offloader: ActivationOffloader) -> int:
     return sum(isinstance(m, GradientCheckpointingLayer) for m in modules)
 
 
+#: What transformers' and peft's ``enable_input_require_grads`` name their embedding hook
+REQUIRE_GRADS_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
 def _stop_inputs_requiring_grad(model) -> None:
     """Remove the hook (``enable_input_require_grads``, set by peft's k-bit preparation and for adapters) that
     makes the embeddings' output require grad. Only reentrant checkpointing needs it, and offloading is
@@ -179,7 +183,7 @@ def _stop_inputs_requiring_grad(model) -> None:
     tk and peft may each have registered it (transformers keeps the handle of the last call only), so the
     hooks are found by the names transformers and peft give them."""
     from transformers import PreTrainedModel
-    names = {"make_inputs_require_grads", "make_inputs_require_grad"}
+    names = REQUIRE_GRADS_HOOK_NAMES
     for module in model.modules():
         try:
             embeddings = module.get_input_embeddings() if isinstance(module, PreTrainedModel) else None

@@ -65,12 +65,11 @@ def block_inputs_require_grad(model) -> bool:
     the leaf's inputs exist, or, where no input requires grad (the first block of a frozen model), as soon as
     its outputs' gradients do: before the block's backward, whose weights it then releases. (Not with
     ``offload_activations``, :func:`fetches_whole_blocks`: that input would then stay on the GPU.)"""
+    from .offload import REQUIRE_GRADS_HOOK_NAMES
     embeddings = model.get_input_embeddings()
-    if any(p.requires_grad for p in embeddings.parameters()):
+    hooked = any(getattr(hook, "__name__", "") in REQUIRE_GRADS_HOOK_NAMES
+                 for hook in embeddings._forward_hooks.values())
+    if hooked or any(p.requires_grad for p in embeddings.parameters()):
         return False
-    embeddings.register_forward_hook(_output_requires_grad)
+    model.enable_input_require_grads()  # transformers' hook (a peft model passes the call on to its base)
     return True
-
-
-def _output_requires_grad(module, args, output):
-    output.requires_grad_(True)
