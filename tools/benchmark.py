@@ -101,7 +101,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
               peak_tflops: float | None = None, log_interval: int = 10, save_every: int | None = None,
               dtype: str | None = None, profile_rows: int = 0, compile: bool | dict = False,
               offload_activations: bool = False, tiled_mlp: bool | int = False, upcast: bool = True,
-              save_attention: bool = False, checkpoint_every: int = 1, trace: bool = False,
+              save_attention: bool = False, checkpoint_every: int = 1, trace: bool | str = False,
               loss_chunk_tokens: int | None = None) -> str:
     """The text of a tk config for ``method`` (qlora | qlora8 | lora | full); ``precision`` bf16 | fp16
     trains with AmpOptimWrapper (weights loaded in ``dtype``, bf16 by default), fp32 with OptimWrapper."""
@@ -123,7 +123,7 @@ def tk_config(model: str, method: str, seq: int, bs: int = 1, steps: int = 30, w
         clip=f"dict(max_norm={clip})" if clip else "None", accum=accum,
         amp=f", dtype='{'bfloat16' if precision == 'bf16' else 'float16'}'" if amp else "",
         steps=steps, warmup=warmup, optimizer_import=optimizer_import, profile_rows=profile_rows,
-        trace=", trace=True" if trace else "",
+        trace=f", trace={trace!r}" if trace else "",
         compile=f"\n    compile={compile!r}," if compile else "",
         long_context=("\n    offload_activations=True," if offload_activations else "")
         + (f"\n    tiled_mlp={tiled_mlp}," if tiled_mlp else "") + ("" if upcast else "\n    upcast_unquantized=False,")
@@ -162,9 +162,11 @@ class BenchmarkHook(Hook):
     priority = "NORMAL"
 
     def __init__(self, warmup: int = 5, peak_tflops: float | None = None, out_file: str = "throughput.json",
-                 profile_rows: int = 0, trace: bool = False):
+                 profile_rows: int = 0, trace: bool | str = False):
         self.warmup, self.peak_tflops, self.out_file = warmup, peak_tflops, out_file
-        self.trace = trace  # with profile_rows: also write the step's chrome trace and its idle-gap report
+        # with profile_rows: also write the step's chrome trace and its idle-gap report; "stacks": with Python
+        # stacks, gzipped, and the device time by the DeepSpeed / tk / torch functions that launched it
+        self.trace = trace
         self.tokens, self.start, self.seq_len = 0, None, 0
         self.peaks = (0, 0)  # (allocated, reserved) bytes: the largest seen after any timed iteration
         self.profile_rows, self.profiler = profile_rows, None
@@ -173,7 +175,8 @@ class BenchmarkHook(Hook):
         """With ``profile_rows``, the last warm-up iteration runs under torch.profiler (outside the timed window)."""
         if self.profile_rows and runner.iter + 1 == self.warmup:
             from torch.profiler import ProfilerActivity, profile
-            self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                    with_stack=self.trace == "stacks")
             self.profiler.__enter__()
             self.profile_start = time.perf_counter()
 
@@ -188,10 +191,14 @@ class BenchmarkHook(Hook):
                   + "\nby CPU time (the host side: a step whose GPU is idle is bound here)\n"
                   + events.table(sort_by="cpu_time_total", row_limit=self.profile_rows), logger="current")
         if self.trace and get_rank() == 0:
-            from trace_gaps import report
-            path = os.path.join(runner.work_dir, "trace.json")
+            from trace_gaps import busy_by_function, report
+            path = os.path.join(runner.work_dir, "trace.json" + (".gz" if self.trace == "stacks" else ""))
             self.profiler.export_chrome_trace(path)
             print_log("where the GPU waited on the host:\n" + report(path, self.profile_rows), logger="current")
+            if self.trace == "stacks":
+                for match in ("deepspeed/", "toolkit/", "torch/"):
+                    print_log(f"device time by the functions that launched it ({match}):\n"
+                              + busy_by_function(path, match, self.profile_rows), logger="current")
         self.profiler = None
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -291,7 +298,8 @@ def run_tk(args, method: str, out: Path, vocab: int) -> dict:
                              compile=_compile_setting(args),
                              offload_activations=args.offload_activations, tiled_mlp=args.tiled_mlp or False,
                              upcast=not args.no_upcast, save_attention=args.save_attention,
-                             checkpoint_every=args.checkpoint_every, trace=args.trace,
+                             checkpoint_every=args.checkpoint_every,
+                             trace="stacks" if args.trace_stacks else args.trace,
                              loss_chunk_tokens=args.loss_chunk_tokens))
     command = [sys.executable, "-m", "toolkit.cli.main", "train", str(cfg), "--work-dir", str(work)]
     if args.deepspeed:
@@ -387,9 +395,11 @@ def main(argv=None) -> int:
     parser.add_argument("--trace", action="store_true", help="with --profile: also write the profiled step's "
                         "chrome trace (tk_METHOD/trace.json) and print where the GPU waited (tools/trace_gaps.py)")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--trace-stacks", action="store_true", help="as --trace, with Python stacks (trace.json.gz), "
+                        "and print the device time by the DeepSpeed, tk and torch functions that launched it")
     args = parser.parse_args(argv)
-    if args.trace and not args.profile:
-        parser.error("--trace needs --profile ROWS (it writes the profiled step's trace)")
+    if (args.trace or args.trace_stacks) and not args.profile:
+        parser.error("--trace and --trace-stacks need --profile ROWS (they write the profiled step's trace)")
 
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(args.model)

@@ -7,6 +7,10 @@ intervals, takes the idle time between them, and charges each gap to the host ev
 cover the gap's midpoint: the innermost one (what the host was executing, e.g. a launch or a Python
 wrapper) and the outermost one shorter than half the trace (the phase: a compiled region, an autograd
 node, the optimizer step). ``tools/benchmark.py --profile ROWS --trace`` writes the trace of one step.
+
+``--by-function [MATCH]`` answers the other question, where the GPU's busy time comes from, for a trace taken
+with Python stacks (``benchmark.py --trace-stacks``): each kernel's time is charged to every Python function
+on the stack that launched it (inclusive), and the functions whose name holds MATCH are listed.
 """
 import argparse
 import bisect
@@ -81,13 +85,65 @@ def report(path: str, rows: int = 25, min_gap_us: float = 5.0) -> str:
     return "\n".join(lines)
 
 
+def _launch_stacks(events: list) -> dict:
+    """{correlation id: [Python function names covering that launch, outermost first]}, per host thread."""
+    python = defaultdict(list)
+    launches = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "python_function":
+            python[e.get("tid")].append(e)
+        elif e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {}):
+            launches[e.get("tid")].append(e)
+    stacks = {}
+    for tid, calls in launches.items():
+        frames = sorted(python.get(tid, []), key=lambda e: (float(e["ts"]), -float(e["dur"])))
+        open_frames, i = [], 0
+        for call in sorted(calls, key=lambda e: float(e["ts"])):
+            t = float(call["ts"])
+            while i < len(frames) and float(frames[i]["ts"]) <= t:
+                open_frames.append(frames[i])
+                i += 1
+            open_frames = [f for f in open_frames if float(f["ts"]) + float(f["dur"]) >= t]
+            stacks[call["args"]["correlation"]] = [f["name"] for f in open_frames]
+    return stacks
+
+
+def busy_by_function(path: str, match: str = "", rows: int = 25) -> str:
+    """Kernel time (inclusive) per Python function of the launching stack, for functions whose name holds
+    ``match``; kernels launched outside any such function are summed as one line."""
+    events = load_events(path)
+    device = [e for e in events if e.get("cat") in DEVICE_CATS]
+    if not any(e.get("cat") == "python_function" for e in events):
+        return f"{path}: no Python stacks in the trace (profile with with_stack=True: benchmark.py --trace-stacks)"
+    stacks = _launch_stacks(events)
+    total, outside, by_name = 0.0, 0.0, defaultdict(float)
+    for kernel in device:
+        dur = float(kernel["dur"])
+        total += dur
+        names = {n for n in stacks.get((kernel.get("args") or {}).get("correlation"), []) if match in n}
+        for name in names:
+            by_name[name] += dur
+        if not names:
+            outside += dur
+    lines = [f"{path}: {total / 1e3:.1f} ms of device time in {len(device)} kernels/copies; "
+             f"{outside / 1e3:.1f} ms launched outside any function matching {match!r}"]
+    for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:rows]:
+        lines.append(f"  {us / 1e3:8.2f} ms  {name[:110]}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trace")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--min-gap-us", type=float, default=5.0)
+    parser.add_argument("--by-function", nargs="?", const="", metavar="MATCH",
+                        help="instead: device time by the Python functions that launched it (a trace with stacks)")
     args = parser.parse_args(argv)
-    print(report(args.trace, args.rows, args.min_gap_us))
+    if args.by_function is not None:
+        print(busy_by_function(args.trace, args.by_function, args.rows))
+    else:
+        print(report(args.trace, args.rows, args.min_gap_us))
     return 0
 
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from trace_gaps import idle_gaps, report  # noqa: E402
+from trace_gaps import busy_by_function, idle_gaps, report  # noqa: E402
 
 
 def _x(name, cat, ts, dur, tid=1):
@@ -51,3 +51,39 @@ def test_min_gap_leaves_short_gaps_out(tmp_path):
     path = tmp_path / "trace.json"
     path.write_text(json.dumps(_trace()))
     assert "idle 0.3 ms in 1 gaps >= 150 us" in report(str(path), min_gap_us=150)
+
+
+def _launch(ts, correlation, tid=1):
+    return {**_x("cudaLaunchKernel", "cuda_runtime", ts, 5, tid), "args": {"correlation": correlation}}
+
+
+def _kernel(ts, dur, correlation):
+    return {**_x(f"k{correlation}", "kernel", ts, dur, tid=7), "args": {"correlation": correlation}}
+
+
+def test_busy_time_is_charged_to_every_python_function_on_the_launching_stack(tmp_path):
+    """step() calls partition_grads (two launches) and then optimizer_step (one); the backward thread (tid 2)
+    runs a hook; one kernel is launched outside any Python function."""
+    trace = {"traceEvents": [
+        _x("engine.py(10): step", "python_function", 0, 500),
+        _x("stage3.py(1440): partition_grads", "python_function", 10, 100),
+        _launch(20, 1), _launch(60, 2),
+        _x("stage3.py(2000): optimizer_step", "python_function", 200, 100),
+        _launch(250, 3),
+        _x("stage3.py(900): reduce_hook", "python_function", 0, 50, tid=2),
+        _launch(30, 4, tid=2),
+        _launch(600, 5),
+        _kernel(100, 40, 1), _kernel(150, 60, 2), _kernel(300, 100, 3), _kernel(400, 7, 4), _kernel(700, 300, 5),
+    ]}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    text = busy_by_function(str(path), "stage3")
+    assert "0.5 ms of device time in 5 kernels/copies; 0.3 ms launched outside" in text
+    lines = text.splitlines()[1:]
+    assert lines == ["      0.10 ms  stage3.py(1440): partition_grads", "      0.10 ms  stage3.py(2000): optimizer_step",
+                     "      0.01 ms  stage3.py(900): reduce_hook"]
+    everything = busy_by_function(str(path), "", rows=1)
+    assert everything.splitlines()[1] == "      0.20 ms  engine.py(10): step"  # 40 + 60 + 100, inclusive
+    assert "0.3 ms launched outside any function matching ''" in everything  # k5, after step() returned
+    path.write_text(json.dumps(_trace()))
+    assert "no Python stacks in the trace" in busy_by_function(str(path))
