@@ -144,8 +144,10 @@ def build_runner(cfg: Config) -> Runner:
     if cfg.get("runner_type") == "FlexibleRunner":  # --deepspeed / --strategy fsdp (engine/strategy.py)
         from mmengine.runner import FlexibleRunner
         if cfg.strategy.get("type") == "DeepSpeedStrategy":
+            from .deepspeed_norms import norms_in_fp32
             from .strategy import register_deepspeed_optimizers
             register_deepspeed_optimizers()
+            norms_in_fp32()
         bases = (AtomicCheckpointFolders, SafeCheckpointLoading, _KeepUserConfig, FlexibleRunner)
         runner = type("TkFlexibleRunner", bases, {}).from_cfg(cfg)
     else:
