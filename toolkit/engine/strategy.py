@@ -9,6 +9,16 @@ fields are filled from the config, so batch size, accumulation, clipping and pre
 | gradient_accumulation_steps       | optim_wrapper.accumulative_counts (1)             |
 | gradient_clipping                 | optim_wrapper.clip_grad.max_norm (0: no clipping) |
 | bf16.enabled / fp16.enabled       | AmpOptimWrapper's dtype (fp32 without it)         |
+| zero_optimization.                | one transformer block's parameter count where     |
+|   stage3_prefetch_bucket_size     | ZeRO-3 fetches compiled blocks whole, else 5e7    |
+| zero_optimization.                | false where ZeRO-3 fetches compiled blocks whole, |
+|   contiguous_gradients            | else true                                         |
+
+The two ZeRO-3 fields serve whole-block fetch (:mod:`toolkit.model.zero3_blocks`): DeepSpeed prefetches the next
+weights only up to the bucket size, which at 5e7 leaves most of a 7B block (202M) to be gathered when the block
+starts; and its reduce-scatter (``reduce_scatter: true``, its default) flattens a bucket's gradients again on
+its own, so the copy into a contiguous buffer was a second pass over every gradient (14 of 501 ms a step of
+the one-GPU proxy in docs/benchmarks.md, eighth round).
 """
 from __future__ import annotations
 
@@ -49,7 +59,38 @@ def _precision(cfg: Config) -> str:
     return "bf16" if "bf" in dtype else "fp16"
 
 
+PREFETCH_DEFAULT = 50_000_000  # DeepSpeed's own default for stage3_prefetch_bucket_size
+
+
+def _whole_blocks(cfg: Config) -> bool:
+    """Whether the model ``cfg`` builds has its compiled blocks fetched whole under ZeRO-3 (the model's rule)."""
+    from ..model.zero3_blocks import fetches_whole_blocks
+    model = cfg.get("model") or {}
+    llm = model.get("llm") or {}
+    quantized = isinstance(llm, dict) and llm.get("quantization_config") is not None
+    return fetches_whole_blocks(model.get("compile", False), model.get("adapter"),
+                                bool(model.get("offload_activations", False)), quantized)
+
+
+def _prefetch_bucket(cfg: Config) -> int:
+    """``stage3_prefetch_bucket_size`` for "auto": the largest block's parameter count where blocks are fetched
+    whole (so DeepSpeed gathers all of the next block while this one computes), DeepSpeed's 5e7 otherwise."""
+    if not _whole_blocks(cfg):
+        return PREFETCH_DEFAULT
+    from ..model.zero3_blocks import largest_block_numel
+    llm = cfg.model.get("llm")
+    try:
+        return max(PREFETCH_DEFAULT, largest_block_numel(llm if isinstance(llm, dict) else {}))
+    except ValueError as exc:
+        from mmengine.logging import print_log
+        print_log(f"zero_optimization.stage3_prefetch_bucket_size \"auto\": {exc}, so it is DeepSpeed's "
+                  f"{PREFETCH_DEFAULT:.0e}; write the parameter count of one block there to prefetch whole blocks",
+                  logger="current", level=30)
+        return PREFETCH_DEFAULT
+
+
 def _settings(cfg: Config) -> dict:
+    """The values tk fills for "auto", by dotted key; a callable is called only where its key says "auto"."""
     wrapper = cfg.optim_wrapper
     clip = wrapper.get("clip_grad") or {}
     precision = _precision(cfg)
@@ -57,7 +98,9 @@ def _settings(cfg: Config) -> dict:
             "gradient_accumulation_steps": int(wrapper.get("accumulative_counts", 1)),
             "gradient_clipping": float(clip.get("max_norm", 0.0)),
             "bf16.enabled": precision == "bf16",
-            "fp16.enabled": precision == "fp16"}
+            "fp16.enabled": precision == "fp16",
+            "zero_optimization.stage3_prefetch_bucket_size": lambda: _prefetch_bucket(cfg),
+            "zero_optimization.contiguous_gradients": lambda: not _whole_blocks(cfg)}
 
 
 def fill_auto(ds: dict, cfg: Config, source: str = "deepspeed config") -> dict:
@@ -74,7 +117,7 @@ def fill_auto(ds: dict, cfg: Config, source: str = "deepspeed config") -> dict:
                 if dotted not in settings:
                     raise UserError(f"{source}: tk cannot fill \"{dotted}\": \"auto\"; write a value instead "
                                     f"(tk fills {', '.join(settings)})")
-                out[key] = settings[dotted]
+                out[key] = settings[dotted]() if callable(settings[dotted]) else settings[dotted]
             else:
                 out[key] = value
         return out
@@ -102,13 +145,8 @@ def _torch_linear_for_whole_blocks(ds: dict, cfg: Config) -> None:
     """ZeRO-3 where the model's compiled blocks are fetched whole (:func:`toolkit.model.zero3_blocks.fetches_whole_blocks`):
     keep torch's ``F.linear`` (``memory_efficient_linear: false``) unless the user's JSON says otherwise, so each
     block compiles as one graph; DeepSpeed's replacement linear would break it at every projection."""
-    from ..model.zero3_blocks import fetches_whole_blocks
     zero = ds.get("zero_optimization") or {}
-    model = cfg.get("model") or {}
-    llm = model.get("llm") or {}
-    quantized = isinstance(llm, dict) and llm.get("quantization_config") is not None
-    if zero.get("stage") == 3 and fetches_whole_blocks(model.get("compile", False), model.get("adapter"),
-                                                       bool(model.get("offload_activations", False)), quantized):
+    if zero.get("stage") == 3 and _whole_blocks(cfg):
         zero.setdefault("memory_efficient_linear", False)
 
 

@@ -45,6 +45,17 @@ def _hub_error(path: str, exc: Exception) -> UserError:
                      f"(no model hub is reachable offline: point pretrained_model_name_or_path at a local folder)")
 
 
+def load_model_config(path: str, trust_remote_code: bool = False):
+    """The model's ``AutoConfig`` (its config.json), with tk's path resolution and errors; reads no weights."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(_existing(path), trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(path, exc) from None
+    except ValueError as exc:
+        raise _remote_code_error(path, exc) from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right", **kwargs):
     from transformers import AutoTokenizer
     resolved = _existing(path)

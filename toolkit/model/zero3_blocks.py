@@ -17,6 +17,12 @@ backward reads the copy gathered again (tests/engine/test_zero3_compile_cpu.py c
 partitioner). The LM head outside the blocks, with torch's linear, saves a transposed view of its weight, which
 keeps that one gathered matrix (and the buffer it was gathered into) until its backward, right after.
 
+DeepSpeed prefetches the next weights while a block computes only up to ``stage3_prefetch_bucket_size``
+parameters; at its default (5e7) that is three of a 7B block's nine weights (q, k, v: 50M of 202M), and the
+other six would be gathered when the block starts, with the compute stream waiting on them. tk's preset says
+"auto" there, which tk's strategy fills with one block's parameter count (:func:`largest_block_numel`) where
+blocks are fetched whole.
+
 ``TK_ZERO3_FETCH=module`` keeps the per-submodule fetches, to compare the two on one machine.
 """
 from __future__ import annotations
@@ -73,3 +79,19 @@ def block_inputs_require_grad(model) -> bool:
         return False
     model.enable_input_require_grads()  # transformers' hook (a peft model passes the call on to its base)
     return True
+
+
+def largest_block_numel(llm: dict) -> int:
+    """Parameters of the largest transformer block of the model a config's ``llm`` dict loads (tk's
+    ``load_causal_lm`` with ``path``, or ``pretrained_model_name_or_path``), counted on the meta device from its
+    config.json: no weights are read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from .loader import load_model_config
+    path = llm.get("path") or llm.get("pretrained_model_name_or_path")
+    if not isinstance(path, str):
+        raise ValueError("the model config names no model path (llm.path or llm.pretrained_model_name_or_path)")
+    remote = bool(llm.get("trust_remote_code", False))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_model_config(path, remote), trust_remote_code=remote)
+    return max(sum(p.numel() for p in block.parameters()) for block in transformer_blocks(model))
