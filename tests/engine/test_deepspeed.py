@@ -34,6 +34,7 @@ def test_every_preset_fills_completely(name, cfg):
     assert filled["gradient_accumulation_steps"] == 1
     assert filled["gradient_clipping"] == 1.0                  # clip_grad.max_norm
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False  # AmpOptimWrapper bf16
+    assert filled["communication_data_type"] == "bf16"
     assert filled["zero_optimization"]["stage"] == int(name[4])
     assert ("offload_optimizer" in filled["zero_optimization"]) == name.endswith("offload")
 
@@ -47,9 +48,26 @@ def test_fill_follows_the_config(cfg):
     assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (2, 8)
     assert filled["gradient_clipping"] == 0.0
     assert filled["fp16"]["enabled"] is True and filled["bf16"]["enabled"] is False
+    assert filled["communication_data_type"] == "fp16"
     cfg.optim_wrapper.type = "OptimWrapper"  # fp32 training: neither half precision
     filled = fill_auto(deepspeed_json("zero2"), cfg)
     assert filled["fp16"]["enabled"] is False and filled["bf16"]["enabled"] is False
+    assert filled["communication_data_type"] == "fp32"
+
+
+def test_bf16_weights_reduce_their_gradients_in_bf16():
+    """Full fine-tuning of weights loaded in bf16 runs the plain wrapper (DeepSpeed's bf16 mode off), and its
+    bf16 gradients go through the reduce-scatter in bf16, not cast to fp32; fp32 weights stay fp32."""
+    from toolkit.engine.runner import adapt_to_device
+    full = load_config("smollm2_135m_instruct_full_champ_e3")
+    full.model.llm.dtype = "bfloat16"
+    adapt_to_device(full)
+    assert full.optim_wrapper.type == "OptimWrapper"
+    filled = fill_auto(deepspeed_json("zero3"), full)
+    assert filled["bf16"]["enabled"] is False and filled["communication_data_type"] == "bf16"
+    full = load_config("smollm2_135m_instruct_full_champ_e3")
+    full.optim_wrapper.type = "OptimWrapper"  # fp32 weights (the config's), fp32 training
+    assert fill_auto(deepspeed_json("zero3"), full)["communication_data_type"] == "fp32"
 
 
 def test_user_json_keeps_its_values_and_rejects_unknown_auto(cfg, tmp_path):

@@ -13,12 +13,21 @@ fields are filled from the config, so batch size, accumulation, clipping and pre
 |   stage3_prefetch_bucket_size     | ZeRO-3 fetches compiled blocks whole, else 5e7    |
 | zero_optimization.                | false where ZeRO-3 fetches compiled blocks whole, |
 |   contiguous_gradients            | else true                                         |
+| communication_data_type           | the trained weights' precision: bf16 for weights  |
+|                                   | loaded in bf16 or bf16 AMP, fp16 for fp16 AMP,    |
+|                                   | else fp32                                         |
 
 The two ZeRO-3 fields serve whole-block fetch (:mod:`toolkit.model.zero3_blocks`): DeepSpeed prefetches the next
 weights only up to the bucket size, which at 5e7 leaves most of a 7B block (202M) to be gathered when the block
 starts; and its reduce-scatter (``reduce_scatter: true``, its default) flattens a bucket's gradients again on
 its own, so the copy into a contiguous buffer was a second pass over every gradient (14 of 501 ms a step of
 the one-GPU proxy in docs/benchmarks.md, eighth round).
+
+Full fine-tuning of weights loaded in bf16 trains them with the plain wrapper (``runner.adapt_to_device``), so
+DeepSpeed's own bf16 mode is off and it would reduce the bf16 gradients in fp32 (its default without bf16 or
+fp16): every gradient cast to fp32 and twice the bytes through the reduce-scatter. "auto" reduces them in
+bf16, as DeepSpeed's bf16 mode and FSDP's bf16 mixed precision do; each rank's partition is still
+accumulated and stepped in fp32.
 """
 from __future__ import annotations
 
@@ -89,6 +98,15 @@ def _prefetch_bucket(cfg: Config) -> int:
         return PREFETCH_DEFAULT
 
 
+def _communication_dtype(cfg: Config) -> str:
+    """DeepSpeed's ``communication_data_type`` for "auto": the precision the gradients are made in."""
+    from .runner import _half_precision_weights
+    precision = _precision(cfg)
+    if precision == "fp32" and _half_precision_weights(cfg) == "bfloat16":
+        return "bf16"
+    return precision
+
+
 def _settings(cfg: Config) -> dict:
     """The values tk fills for "auto", by dotted key; a callable is called only where its key says "auto"."""
     wrapper = cfg.optim_wrapper
@@ -100,7 +118,8 @@ def _settings(cfg: Config) -> dict:
             "bf16.enabled": precision == "bf16",
             "fp16.enabled": precision == "fp16",
             "zero_optimization.stage3_prefetch_bucket_size": lambda: _prefetch_bucket(cfg),
-            "zero_optimization.contiguous_gradients": lambda: not _whole_blocks(cfg)}
+            "zero_optimization.contiguous_gradients": lambda: not _whole_blocks(cfg),
+            "communication_data_type": _communication_dtype(cfg)}
 
 
 def fill_auto(ds: dict, cfg: Config, source: str = "deepspeed config") -> dict:
