@@ -48,8 +48,9 @@ SCRIPT = textwrap.dedent('''
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=0.0,
               bf16={"enabled": False}, fp16={"enabled": False})
     ds["zero_optimization"]["stage"] = stage
-    # the preset's "auto" fields as tk's strategy fills them for circuit adapters (never fetched whole)
-    ds["zero_optimization"].update(stage3_prefetch_bucket_size=50_000_000, contiguous_gradients=True)
+    # the preset's "auto" fields as tk's strategy fills them for circuit adapters (never fetched whole), in fp32
+    ds.update(communication_data_type="fp32")
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = 50_000_000
     if stage == 3:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
     class Wrapper(torch.nn.Module):  # the model inside tk's SupervisedFinetune, as DeepSpeed's engine holds it

@@ -91,7 +91,8 @@ SCRIPT = textwrap.dedent('''
               bf16={"enabled": False}, fp16={"enabled": False})
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition the norms too
     # the preset's "auto" fields as tk's strategy fills them (blocks of 41k parameters: DeepSpeed's 5e7)
-    ds["zero_optimization"].update(stage3_prefetch_bucket_size=50_000_000, contiguous_gradients=not whole)
+    ds.update(communication_data_type="fp32")
+    ds["zero_optimization"]["stage3_prefetch_bucket_size"] = 50_000_000
     if whole and not mode.startswith("whole_ds_linear"):  # what tk's strategy sets (a user's JSON may not)
         ds["zero_optimization"]["memory_efficient_linear"] = False
     trained = [p for p in model.parameters() if p.requires_grad]

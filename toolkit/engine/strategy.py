@@ -11,17 +11,12 @@ fields are filled from the config, so batch size, accumulation, clipping and pre
 | bf16.enabled / fp16.enabled       | AmpOptimWrapper's dtype (fp32 without it)         |
 | zero_optimization.                | one transformer block's parameter count where     |
 |   stage3_prefetch_bucket_size     | ZeRO-3 fetches compiled blocks whole, else 5e7    |
-| zero_optimization.                | false where ZeRO-3 fetches compiled blocks whole, |
-|   contiguous_gradients            | else true                                         |
 | communication_data_type           | the trained weights' precision: bf16 for weights  |
 |                                   | loaded in bf16 or bf16 AMP, fp16 for fp16 AMP,    |
 |                                   | else fp32                                         |
 
-The two ZeRO-3 fields serve whole-block fetch (:mod:`toolkit.model.zero3_blocks`): DeepSpeed prefetches the next
-weights only up to the bucket size, which at 5e7 leaves most of a 7B block (202M) to be gathered when the block
-starts; and its reduce-scatter (``reduce_scatter: true``, its default) flattens a bucket's gradients again on
-its own, so the copy into a contiguous buffer was a second pass over every gradient (14 of 501 ms a step of
-the one-GPU proxy in docs/benchmarks.md, eighth round).
+The prefetch bucket serves whole-block fetch (:mod:`toolkit.model.zero3_blocks`): DeepSpeed prefetches the next
+weights only up to its size, which at 5e7 leaves most of a 7B block (202M) to be gathered when the block starts.
 
 Full fine-tuning of weights loaded in bf16 trains them with the plain wrapper (``runner.adapt_to_device``), so
 DeepSpeed's own bf16 mode is off and it would reduce the bf16 gradients in fp32 (its default without bf16 or
@@ -118,7 +113,6 @@ def _settings(cfg: Config) -> dict:
             "bf16.enabled": precision == "bf16",
             "fp16.enabled": precision == "fp16",
             "zero_optimization.stage3_prefetch_bucket_size": lambda: _prefetch_bucket(cfg),
-            "zero_optimization.contiguous_gradients": lambda: not _whole_blocks(cfg),
             "communication_data_type": _communication_dtype(cfg)}
 
 
