@@ -197,3 +197,60 @@ def test_kernel_refusals_name_the_reason():
     if torch.cuda.is_available():
         assert "dropout" in va.kernel_refusal(query.cuda().half(), 0.1, None)
         assert "head size" in va.kernel_refusal(torch.zeros(1, 2, 4, 264, device="cuda", dtype=torch.half), 0.0, None)
+
+
+@torch.library.custom_op("tk_test::varlen_stand_in", mutates_args={})
+def _varlen_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int) -> torch.Tensor:
+    """Shaped like torch's varlen kernel (a custom op taking the longest document as ints); computes a copy."""
+    return q.clone()
+
+
+@_varlen_stand_in.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k):
+    return torch.empty_like(q)
+
+
+_varlen_stand_in.register_autograd(lambda ctx, grad: (grad, torch.zeros_like(grad), torch.zeros_like(grad),
+                                                      None, None, None, None))
+
+
+@pytest.mark.parametrize("path", ["fallback", "kernel"])
+def test_compiled_blocks_trace_packed_rows_whole_for_any_row_length(gqa_llama, monkeypatch, path):
+    """Compiled decoder layers on packed rows of twelve lengths and document counts: no graph break (reading the
+    packed flag was one at every attention call, when it was a ContextVar), and the second six rows compile
+    nothing new (best-fit rows, a new length each step, hit dynamo's recompile limit on an H100). The kernel
+    path (a custom op shaped like torch's varlen kernel stands in: CPU has none) compiles two graphs, static
+    then dynamic; the CPU fallback's mask code adds a few size specializations (one document, several)."""
+    import torch._dynamo
+    from toolkit.model.blocks import transformer_blocks
+    if path == "kernel":
+        monkeypatch.setattr(va, "kernel_refusal", lambda *args: None)
+        monkeypatch.setattr(va, "_VARLEN_PARAMS", {"scale": None, "is_causal": None})
+        monkeypatch.setattr(va, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=True:
+                            _varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    graphs = [0]
+
+    def counting(graph, inputs):
+        graphs[0] += 1
+        return graph.forward
+    model = _load(gqa_llama, va.NAME).train()
+    for block in transformer_blocks(model):
+        block.compile(backend=counting)
+    rows = [[DOCS, [11, 2, 30], [40], [3, 3, 3, 3, 3, 20], [17, 16], [8, 9, 10, 11, 12]],
+            [[50], [6, 1, 25], [2, 2, 2, 2, 2, 2, 2, 2], [33, 14], [19, 5, 7, 1], [60, 3]]]
+    seen = []
+    try:
+        for group in rows:
+            for seed, lengths in enumerate(group):
+                ids, positions = _packed_row(lengths, seed)
+                causal_lm_loss(model, ids, ids, position_ids=positions).backward()
+            seen.append(graphs[0])
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert breaks == {}, breaks
+    assert seen[1] == seen[0] == 2 if path == "kernel" else seen[1] == seen[0] <= 4, seen
