@@ -22,6 +22,7 @@ implementation ``tk_varlen``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 
 import torch
@@ -33,10 +34,7 @@ from ..errors import UserError
 
 NAME = "tk_varlen"
 
-# True inside packed_rows(). A module global, not a ContextVar: dynamo cannot trace ContextVar.get, so reading one
-# broke every compiled block's graph at each attention call; a global it reads as a constant and guards on.
-# (Training runs one forward at a time per process; generation never packs.)
-_PACKED = False
+_packed = contextvars.ContextVar("tk_varlen_packed_forward", default=False)
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -74,17 +72,16 @@ def packed_attention_kwargs(position_ids: torch.Tensor, device=None) -> dict:
 @contextlib.contextmanager
 def packed_rows():
     """Within: the ``tk_varlen`` mask function builds no mask (the boundaries travel as keyword arguments)."""
-    global _PACKED
-    before, _PACKED = _PACKED, True
+    token = _packed.set(True)
     try:
         yield
     finally:
-        _PACKED = before
+        _packed.reset(token)
 
 
 def varlen_mask(*args, **kwargs):
     """Mask function of ``tk_varlen``: none for a packed forward, else exactly sdpa's."""
-    if _PACKED:
+    if _packed.get():
         return None
     return sdpa_mask(*args, **kwargs)
 
@@ -164,7 +161,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """transformers attention function (query [B, H, T, D]); returns ([B, T, H, D], None) like sdpa's."""
     kwargs.pop("cu_seq_lens_k", None)
     kwargs.pop("max_length_k", None)
-    if _PACKED:
+    if _packed.get():
         _check_packed_call(module, cu_seq_lens_q, kwargs)
     if cu_seq_lens_q is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
