@@ -7,8 +7,8 @@ from mmengine.config import Config
 
 from toolkit.cli.main import main
 from toolkit.config import load_config
-from toolkit.engine.strategy import (PRESETS, apply_strategy, deepspeed_json, fill_auto, load_zero_checkpoint,
-                                     use_deepspeed, use_fsdp)
+from toolkit.engine.strategy import (PRESETS, apply_strategy, check_flags, deepspeed_json, fill_auto,
+                                     load_zero_checkpoint, use_deepspeed, use_fsdp)
 from toolkit.errors import UserError
 
 LORA = "smollm2_135m_instruct_lora_champ_e3"
@@ -66,8 +66,23 @@ def test_bf16_weights_reduce_their_gradients_in_bf16():
     filled = fill_auto(deepspeed_json("zero3"), full)
     assert filled["bf16"]["enabled"] is False and filled["communication_data_type"] == "bf16"
     full = load_config("smollm2_135m_instruct_full_champ_e3")
+    full.model.llm.dtype = "bf16"  # the short name load_causal_lm takes too
+    adapt_to_device(full)
+    assert fill_auto(deepspeed_json("zero3"), full)["communication_data_type"] == "bf16"
+    full = load_config("smollm2_135m_instruct_full_champ_e3")
     full.optim_wrapper.type = "OptimWrapper"  # fp32 weights (the config's), fp32 training
     assert fill_auto(deepspeed_json("zero3"), full)["communication_data_type"] == "fp32"
+
+
+def test_communication_type_follows_the_json_precision(cfg, tmp_path):
+    """A user's JSON that switches bf16 off keeps fp32 gradients (the LoRA config's AMP would say bf16), and one
+    that switches it on reduces in bf16 under a config that trains in fp32."""
+    own = tmp_path / "mine.json"
+    for enabled, wrapper, expected in ((False, "AmpOptimWrapper", "fp32"), (True, "OptimWrapper", "bf16")):
+        own.write_text(json.dumps({"bf16": {"enabled": enabled}, "communication_data_type": "auto",
+                                   "zero_optimization": {"stage": 3}}))
+        cfg.optim_wrapper.type = wrapper
+        assert fill_auto(deepspeed_json(str(own)), cfg)["communication_data_type"] == expected, (enabled, wrapper)
 
 
 def test_user_json_keeps_its_values_and_rejects_unknown_auto(cfg, tmp_path):
@@ -91,6 +106,13 @@ def test_bad_deepspeed_arguments(tmp_path):
         deepspeed_json(str(broken))
     with pytest.raises(UserError, match="DeepSpeed model states"):
         load_zero_checkpoint(tmp_path)
+
+
+def test_a_bad_norm_switch_stops_before_the_workers_start(monkeypatch):
+    monkeypatch.setenv("TK_ZERO_NORM", "fp16")
+    with pytest.raises(UserError, match="TK_ZERO_NORM='fp16' must be 'fp32'"):
+        check_flags(deepspeed="zero3")
+    check_flags()  # without --deepspeed the switch is not read
 
 
 def test_use_deepspeed_builds_a_flexible_runner_config(cfg):
@@ -167,9 +189,12 @@ def test_zero3_auto_prefetch_holds_a_whole_block(cfg, tmp_path, monkeypatch):
     pathless = copy.deepcopy(cfg)
     pathless.model.llm = dict(type="my_loader")
     assert use_deepspeed(pathless, "zero3")["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000
-    (folder / "config.json").write_text("{")
-    with pytest.raises(UserError, match="llama7b"):
-        use_deepspeed(cfg.copy(), "zero3")
+    for broken in ("{", None):  # unreadable, or no local folder (a hub id): DeepSpeed's default and a warning;
+        if broken:              # loading the model reports what is wrong with it
+            (folder / "config.json").write_text(broken)
+        else:
+            cfg.model.llm.path = "some-org/some-model"
+        assert use_deepspeed(cfg.copy(), "zero3")["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000
 
 
 def test_use_fsdp(cfg, monkeypatch):

@@ -1,9 +1,10 @@
 """ZeRO's gradient norm in fp32 (toolkit/engine/deepspeed_norms.py): the same clipping as fp64, in fp32.
 
-One CPU process (gloo), a 2-layer llama in fp32, ZeRO-3, clipping at 0.01 (so the clip factor
-scales every gradient): DeepSpeed's global norm equals torch's fp64 norm of the same gradients, it is now an fp32
-tensor (the control, ``TK_ZERO_NORM=fp64``, keeps DeepSpeed's fp64), and the clipped step leaves the same weights
-as torch's ``clip_grad_norm_`` + SGD on the plain model.
+One CPU process (gloo), a 2-layer llama in fp32, ZeRO-1, -2 and -3, clipping at 0.01 (so the clip factor
+scales every gradient): DeepSpeed's norm code asks for fp32 (fp64 in the control, ``TK_ZERO_NORM=fp64``), its
+global norm equals torch's fp64 norm of the same gradients within 1e-6 (and is an fp32 tensor under ZeRO-3; ZeRO-1/2
+turn theirs into a float either way), and the clipped step leaves the weights torch's ``clip_grad_norm_`` + SGD
+leaves on the plain model.
 """
 import sys
 import textwrap
@@ -21,8 +22,16 @@ SCRIPT = textwrap.dedent('''
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
     from toolkit.engine.deepspeed_norms import norms_in_fp32
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
     stage = int(sys.argv[1])
     patched = norms_in_fp32()
+    zero = stage3 if stage == 3 else stage_1_and_2
+    asked, chosen = [], zero.get_norm_dtype  # count what DeepSpeed's norm code asks, and get, in this stage
+
+    def spy():
+        asked.append(str(chosen()))
+        return chosen()
+    zero.get_norm_dtype = spy
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          vocab_size=256, use_cache=False)
     torch.manual_seed(0)
@@ -43,19 +52,24 @@ SCRIPT = textwrap.dedent('''
     optimizer.step()
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         worst = max((a - b).abs().max().item() for a, b in zip(model.parameters(), plain.parameters()))
-    print("RESULT " + json.dumps({"patched": patched, "dtype": str(norm.dtype), "norm": float(norm),
-                                  "reference": float(reference), "weights": worst}))
+    print("RESULT " + json.dumps({"patched": patched, "dtype": str(getattr(norm, "dtype", None)),
+                                  "norm": float(norm), "reference": float(reference), "weights": worst,
+                                  "asked": sorted(set(asked)), "calls": len(asked)}))
 ''')
 
 
-def test_zero3_takes_the_gradient_norm_in_fp32_with_the_same_clipping():
-    stage = 3  # ZeRO-2's own norm (without offload) never asked for fp64
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_takes_the_gradient_norm_in_fp32_with_the_same_clipping(stage):
     done, got = run_one_process(SCRIPT, stage)
     assert got is not None, done.stderr[-3000:]
-    assert got["patched"] and got["dtype"] == "torch.float32", got
+    assert got["patched"] and got["asked"] == ["torch.float32"] and got["calls"] > 0, got
     assert got["norm"] == pytest.approx(got["reference"], rel=1e-6) and got["reference"] > 1.0, got
     assert got["weights"] < 1e-8, got  # the same clipped SGD step (lr 1: the step is the clipped gradient, norm 0.01)
+    if stage == 3:
+        assert got["dtype"] == "torch.float32", got
     done, control = run_one_process(SCRIPT, stage, TK_ZERO_NORM="fp64")
     assert control is not None, done.stderr[-3000:]
-    assert not control["patched"] and control["dtype"] == "torch.float64", control
+    assert not control["patched"] and control["asked"] == ["torch.float64"] and control["calls"] > 0, control
     assert control["norm"] == pytest.approx(got["reference"], rel=1e-6), control
+    if stage == 3:
+        assert control["dtype"] == "torch.float64", control

@@ -23,16 +23,24 @@ def _fp32() -> torch.dtype:
     return torch.float32
 
 
+def wants_fp32() -> bool:
+    """Whether ``TK_ZERO_NORM`` asks for fp32 norms (the default); a bad value is one line."""
+    return new_or_old("TK_ZERO_NORM", "fp32", "fp64")
+
+
 def norms_in_fp32() -> bool:
     """Make ZeRO stages 1-3 take gradient norms in fp32 (unless ``TK_ZERO_NORM=fp64``); returns whether it did.
     Speed only, so a DeepSpeed that no longer has ``get_norm_dtype`` trains as it is.
     ``tk train --deepspeed`` calls it before DeepSpeed builds its optimizer."""
     import importlib
-    if not new_or_old("TK_ZERO_NORM", "fp32", "fp64"):
+    if not wants_fp32():
         return False
     patched = False
     for name in ZERO_MODULES:  # a DeepSpeed without the name (older ones took norms in fp32) is left as it is
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
         if hasattr(module, "get_norm_dtype"):
             module.get_norm_dtype = _fp32
             patched = True

@@ -22,8 +22,9 @@ def _half_precision_weights(cfg: Config) -> str | None:
     llm = model.get("llm") if isinstance(model, dict) else None
     if not isinstance(llm, dict) or model.get("adapter") is not None:
         return None
-    name = str(llm.get("dtype", "")).replace("torch.", "")
-    return name if name in ("bfloat16", "float16") else None
+    from ..model.loader import DTYPES
+    dtype = DTYPES.get(str(llm.get("dtype", "")).replace("torch.", ""))  # 'bf16' is 'bfloat16' too
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype)
 
 
 def adapt_to_device(cfg: Config) -> None:

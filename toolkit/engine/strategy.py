@@ -11,9 +11,9 @@ fields are filled from the config, so batch size, accumulation, clipping and pre
 | bf16.enabled / fp16.enabled       | AmpOptimWrapper's dtype (fp32 without it)         |
 | zero_optimization.                | one transformer block's parameter count where     |
 |   stage3_prefetch_bucket_size     | ZeRO-3 fetches compiled blocks whole, else 5e7    |
-| communication_data_type           | the trained weights' precision: bf16 for weights  |
-|                                   | loaded in bf16 or bf16 AMP, fp16 for fp16 AMP,    |
-|                                   | else fp32                                         |
+| communication_data_type           | the gradients' precision: bf16 / fp16 where the   |
+|                                   | filled JSON enables it, else bf16 for weights     |
+|                                   | loaded in bf16, else fp32                         |
 
 The prefetch bucket serves whole-block fetch (:mod:`toolkit.model.zero3_blocks`): DeepSpeed prefetches the next
 weights only up to its size, which at 5e7 leaves most of a 7B block (202M) to be gathered when the block starts.
@@ -78,14 +78,17 @@ def _whole_blocks(cfg: Config) -> bool:
 
 def _prefetch_bucket(cfg: Config) -> int:
     """``stage3_prefetch_bucket_size`` for "auto": the largest block's parameter count where blocks are fetched
-    whole (so DeepSpeed gathers all of the next block while this one computes), DeepSpeed's 5e7 otherwise."""
+    whole (so DeepSpeed gathers the next block while this one computes; it also keeps the gathered weights under
+    ``stage3_max_live_parameters``, 1e9 in the preset, which caps this for blocks above 5e8), DeepSpeed's 5e7
+    otherwise, and where the model's config.json cannot be read here (a hub id, a loader of the user's): a
+    speed setting, so that is a warning, and loading the model reports what is wrong with it."""
     if not _whole_blocks(cfg):
         return PREFETCH_DEFAULT
     from ..model.zero3_blocks import largest_block_numel
     llm = cfg.model.get("llm")
     try:
         return max(PREFETCH_DEFAULT, largest_block_numel(llm if isinstance(llm, dict) else {}))
-    except ValueError as exc:
+    except (ValueError, OSError, ImportError, UserError) as exc:
         from mmengine.logging import print_log
         print_log(f"zero_optimization.stage3_prefetch_bucket_size \"auto\": {exc}, so it is DeepSpeed's "
                   f"{PREFETCH_DEFAULT:.0e}; write the parameter count of one block there to prefetch whole blocks",
@@ -93,13 +96,15 @@ def _prefetch_bucket(cfg: Config) -> int:
         return PREFETCH_DEFAULT
 
 
-def _communication_dtype(cfg: Config) -> str:
-    """DeepSpeed's ``communication_data_type`` for "auto": the precision the gradients are made in."""
+def _communication_dtype(cfg: Config, filled: dict) -> str:
+    """DeepSpeed's ``communication_data_type`` for "auto": the precision the gradients are made in, read from the
+    filled JSON's own bf16/fp16 switches (a user's JSON may set them), else bf16 for weights loaded in bf16."""
     from .runner import _half_precision_weights
-    precision = _precision(cfg)
-    if precision == "fp32" and _half_precision_weights(cfg) == "bfloat16":
+    if (filled.get("bf16") or {}).get("enabled"):
         return "bf16"
-    return precision
+    if (filled.get("fp16") or {}).get("enabled"):
+        return "fp16"
+    return "bf16" if _half_precision_weights(cfg) == "bfloat16" else "fp32"
 
 
 def _settings(cfg: Config) -> dict:
@@ -113,7 +118,7 @@ def _settings(cfg: Config) -> dict:
             "bf16.enabled": precision == "bf16",
             "fp16.enabled": precision == "fp16",
             "zero_optimization.stage3_prefetch_bucket_size": lambda: _prefetch_bucket(cfg),
-            "communication_data_type": _communication_dtype(cfg)}
+            "communication_data_type": None}  # filled last, from the filled precision (_communication_dtype)
 
 
 def fill_auto(ds: dict, cfg: Config, source: str = "deepspeed config") -> dict:
@@ -139,6 +144,8 @@ def fill_auto(ds: dict, cfg: Config, source: str = "deepspeed config") -> dict:
     for half in ("bf16", "fp16"):  # a precision section left without "enabled" follows the config too
         if half in filled and "enabled" not in filled[half]:
             filled[half]["enabled"] = settings[f"{half}.enabled"]
+    if ds.get("communication_data_type") == "auto":
+        filled["communication_data_type"] = _communication_dtype(cfg, filled)
     return filled
 
 
@@ -191,12 +198,15 @@ def use_fsdp(cfg: Config) -> None:
 
 
 def check_flags(deepspeed: str | None = None, strategy: str | None = None) -> None:
-    """One-line UserError for strategy flags that cannot work: both at once, or a --deepspeed that is neither a
-    preset nor a readable JSON file. ``tk train`` calls it before it reads the config or prepares a model."""
+    """One-line UserError for strategy flags that cannot work: both at once, a --deepspeed that is neither a
+    preset nor a readable JSON file, or a bad ``TK_ZERO_NORM``. ``tk train`` calls it before it reads the config
+    or prepares a model (so before torchrun starts the workers that would each stop on it)."""
     if deepspeed and strategy == "fsdp":
         raise UserError("--deepspeed and --strategy fsdp exclude each other; choose one")
     if deepspeed:
+        from .deepspeed_norms import wants_fp32
         deepspeed_json(deepspeed)
+        wants_fp32()
 
 
 def apply_strategy(cfg: Config, deepspeed: str | None = None, strategy: str | None = None) -> None:

@@ -27,6 +27,8 @@ blocks are fetched whole.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..switches import new_or_old
 from .blocks import transformer_blocks
 
@@ -88,10 +90,13 @@ def largest_block_numel(llm: dict) -> int:
     import torch
     from transformers import AutoModelForCausalLM
     from .loader import load_model_config
+    from ..assets import resolve_model_path
     path = llm.get("path") or llm.get("pretrained_model_name_or_path")
     if not isinstance(path, str):
         raise ValueError("the model config names no model path (llm.path or llm.pretrained_model_name_or_path)")
+    if not (Path(resolve_model_path(path)).expanduser() / "config.json").is_file():
+        raise ValueError(f"'{path}' is no local model folder, and a hub is not asked at this point")
     remote = bool(llm.get("trust_remote_code", False))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_model_config(path, remote), trust_remote_code=remote)
-    return max(sum(p.numel() for p in block.parameters()) for block in transformer_blocks(model))
+    return max((sum(p.numel() for p in block.parameters()) for block in transformer_blocks(model)), default=0)
