@@ -162,7 +162,8 @@ LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, n
 def test_zero3_auto_prefetch_holds_a_whole_block(cfg, tmp_path, monkeypatch):
     """The preset's "auto" prefetch bucket: with whole-block fetch (compiled, CUDA) it holds one block (a 7B
     llama's 202,383,360 parameters, counted from config.json alone: the folder has no weights); otherwise it is
-    DeepSpeed's 5e7; a user's number stays; a broken config.json is one line."""
+    DeepSpeed's 5e7; a user's number stays; a config naming no path, a broken config.json or a hub id (nothing
+    local to count) fall back to 5e7 with a warning, leaving the error to the model's loading."""
     import torch
     folder = tmp_path / "llama7b"
     folder.mkdir()
